@@ -1,0 +1,86 @@
+"""Deterministic, resumable data loading.
+
+The sampler yields `(index, augment_seed)` keys from a per-epoch permutation seeded by
+(seed, epoch), so the stream depends only on how many samples were consumed: a resumed run
+starts at the same position and sees the same samples and augmentations, whatever the number of
+loader workers. A dataset returns `BadSample` for an item it cannot read; the collate function
+drops those and reports them so the training loop can warn and count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class BadSample:
+    """An item that could not be read; `path` and `reason` end up in the run log."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor | None  # None when every item of the batch was unreadable
+    y: torch.Tensor | None
+    bad: list[BadSample]
+
+
+class ResumableSampler(Sampler):
+    """Endless stream of (index, augment_seed) keys starting at sample position `start`."""
+
+    def __init__(self, size: int, seed: int, start: int = 0, shuffle: bool = True):
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.size = size
+        self.seed = seed
+        self.start = start
+        self.shuffle = shuffle
+
+    def _epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.size, generator=gen) if self.shuffle else torch.arange(self.size)
+        augment_seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=gen)
+        return order, augment_seeds
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start, self.size)
+        while True:
+            order, augment_seeds = self._epoch_order(epoch)
+            for i in range(offset, self.size):
+                yield int(order[i]), int(augment_seeds[i])
+            epoch, offset = epoch + 1, 0
+
+
+def collate_skipping_bad(items: list) -> Batch:
+    bad = [item for item in items if isinstance(item, BadSample)]
+    good = [item for item in items if not isinstance(item, BadSample)]
+    if not good:
+        return Batch(None, None, bad)
+    x = torch.stack([item[0] for item in good])
+    y = torch.tensor([int(item[1]) for item in good], dtype=torch.long)
+    return Batch(x, y, bad)
+
+
+def build_loader(
+    dataset: Dataset, batch_size: int, seed: int, start: int, num_workers: int, pin_memory: bool
+) -> DataLoader:
+    """A loader of `Batch`es of (at most) `batch_size` items, starting at sample position `start`."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ResumableSampler(len(dataset), seed, start),
+        collate_fn=collate_skipping_bad,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        # Its own generator: the loader would otherwise draw its worker base seed from the global
+        # RNG when iteration starts, shifting a resumed run's random stream.
+        generator=torch.Generator().manual_seed(seed),
+    )

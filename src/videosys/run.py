@@ -1,0 +1,211 @@
+"""The single entrypoint: `python -m videosys.run [group=option ...] [key=value ...]` (or `videosys`).
+
+Hydra composes `configs/` (groups model, parallel, kernels, pab, data, precision, task, logger)
+into one config, validated against the typed schemas below; this module turns it into one
+`RunConfig` of dataclasses and hands each task only the sub-configs it needs. It is the only
+module that sees the whole config, and the only one that imports Hydra or OmegaConf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from videosys.cache import PABConfig
+from videosys.data import DigitsDataConfig, ImageFolderDataConfig, SyntheticDataConfig
+from videosys.diffusion import DiffusionConfig, SamplingConfig
+from videosys.distributed import ParallelConfig, init_distributed
+from videosys.encoders import VAEConfig
+from videosys.errors import ConfigError
+from videosys.models.dit import DiTConfig
+from videosys.ops import KernelsConfig
+from videosys.precision import PrecisionConfig
+from videosys.tasks import (
+    BenchTaskConfig,
+    ConsoleLoggerConfig,
+    OptimizerConfig,
+    RunContext,
+    SampleTaskConfig,
+    TrainTaskConfig,
+    WandbLoggerConfig,
+    bench,
+    build_tracker,
+    sample,
+    train,
+)
+
+log = logging.getLogger("videosys")
+
+
+@dataclass
+class RunConfig:
+    # Config groups. Groups whose options have different shapes (model, data, task, logger) are
+    # typed per option through the schemas registered below.
+    model: Any = MISSING
+    parallel: ParallelConfig = MISSING
+    kernels: KernelsConfig = MISSING
+    pab: PABConfig = MISSING
+    data: Any = MISSING
+    precision: PrecisionConfig = MISSING
+    task: Any = MISSING
+    logger: Any = MISSING
+    # Plain sections.
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    run_dir: str = MISSING  # where outputs go (Hydra's run directory)
+    resume: str | None = None  # None | auto | <checkpoint file or run dir>
+
+
+# Schemas of the options of the untyped groups; `configs/<group>/<option>.yaml` extends one.
+# (parallel, kernels, pab and precision have one shape each and are typed by RunConfig itself.)
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {"dit": DiTConfig},
+    "data": {"digits": DigitsDataConfig, "imagefolder": ImageFolderDataConfig, "synthetic": SyntheticDataConfig},
+    "task": {"train": TrainTaskConfig, "sample": SampleTaskConfig, "bench": BenchTaskConfig},
+    "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},
+}
+
+
+def register_schemas(store: ConfigStore) -> None:
+    store.store(name="videosys_schema", node=RunConfig)
+    for group, schemas in GROUP_SCHEMAS.items():
+        for name, schema in schemas.items():
+            store.store(group=f"schema/{group}", name=name, node=schema)
+
+
+def config_dir() -> str:
+    """The configs shipped inside the wheel, or the repository's `configs/` for a source checkout."""
+    packaged = Path(__file__).resolve().parent / "configs"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys that no schema declares. Hydra rejects `key=value` for those, but `+key=value` slips
+    through and would otherwise be dropped silently."""
+    found = []
+    schema = OmegaConf.get_type(node)
+    allowed = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node:
+        path = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            found.append(f"{path}={OmegaConf.select(node, str(key), throw_on_missing=False)!r}")
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            found.extend(unknown_keys(child, f"{path}."))
+    return found
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Validate the composed config and turn it into dataclasses; errors name the key and value."""
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(
+            f"unknown config key {extra[0]}: no such option in the schema; check the spelling "
+            f"(python -m videosys.run --cfg job prints the full config)"
+            + (f" (also unknown: {', '.join(extra[1:])})" if len(extra) > 1 else "")
+        )
+    for group in ("model", "data", "task", "logger"):
+        node = cfg[group]
+        if not dataclasses.is_dataclass(OmegaConf.get_type(node)):
+            raise ConfigError(f"config group {group!r} is not typed: its yaml must extend a schema/{group}/* schema")
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as err:  # OmegaConf validation and interpolation errors name key and value
+        cause = err.__cause__ if isinstance(err.__cause__, ConfigError) else err
+        raise ConfigError(str(cause).strip()) from err
+    return run_cfg
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
+    """Build the process layout and run the selected task."""
+    dist = init_distributed(cfg.parallel, cfg.device)
+    seed_everything(cfg.seed + dist.rank)
+    tracker = build_tracker(cfg.logger, run_dir, resolved, dist.is_main)
+    ctx = RunContext(dist=dist, run_dir=run_dir, seed=cfg.seed, tracker=tracker)
+    common = dict(
+        model_cfg=cfg.model,
+        data_cfg=cfg.data,
+        vae=cfg.vae,
+        diffusion_cfg=cfg.diffusion,
+        precision=cfg.precision,
+        parallel=cfg.parallel,
+        kernels=cfg.kernels,
+    )
+    if isinstance(cfg.task, TrainTaskConfig):
+        return train(
+            ctx,
+            **common,
+            optimizer_cfg=cfg.optimizer,
+            task=cfg.task,
+            sampling=cfg.sampling,
+            pab=cfg.pab,
+            resume=cfg.resume,
+            run_config=resolved,
+        )
+    if isinstance(cfg.task, SampleTaskConfig):
+        return sample(ctx, **common, task=cfg.task, sampling=cfg.sampling, pab=cfg.pab)
+    if isinstance(cfg.task, BenchTaskConfig):
+        return bench(ctx, **common, optimizer_cfg=cfg.optimizer, task=cfg.task)
+    raise ConfigError(f"task.name={cfg.task.name!r} is not known; use task=train, task=sample or task=bench")
+
+
+def report(task: str, run_dir: Path, metrics: dict) -> None:
+    lines = [f"\nvideosys {task} finished. Outputs in {run_dir}:"]
+    for name in ("samples.png", "samples.pt", "loss.png", "metrics.json", "bench.json", "videosys.log"):
+        if (run_dir / name).exists():
+            lines.append(f"  {run_dir / name}")
+    if "checkpoint" in metrics:
+        lines.append(f"  {metrics['checkpoint']}  (final checkpoint)")
+    for key in ("class_accuracy", "final_loss", "samples_per_second"):
+        if key in metrics:
+            lines.append(f"  {key}: {metrics[key]:.4g}")
+    print("\n".join(lines), flush=True)
+
+
+register_schemas(ConfigStore.instance())
+
+
+@hydra.main(version_base=None, config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> dict | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_cfg = to_run_config(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        metrics = execute(run_cfg, run_dir, resolved)
+    except (ConfigError, FileNotFoundError) as err:
+        log.error("%s", err)
+        print(f"videosys: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    report(run_cfg.task.name, run_dir, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""task=train: the training loop, checkpoints and resume, then a guided sample grid and its score."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from videosys.cache import PABConfig, build_cache
+from videosys.data import build_dataset, build_loader
+from videosys.diffusion import DiffusionConfig, GaussianDiffusion, SamplingConfig
+from videosys.distributed import ParallelConfig
+from videosys.encoders import LatentCodec, VAEConfig
+from videosys.errors import ConfigError
+from videosys.ops import KernelsConfig
+from videosys.precision import PrecisionConfig, autocast, make_grad_scaler
+from videosys.tasks import checkpoint as ckpt_io
+from videosys.tasks.common import (
+    EMA,
+    RunContext,
+    load_external_weights,
+    make_codec,
+    prepare_model,
+    resolve_model_config,
+    sample_and_score,
+)
+from videosys.tasks.media import save_loss_curve
+from videosys.tasks.tracking import read_metrics, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    warmup_steps: int = 0  # linear learning-rate warm-up
+
+
+@dataclass
+class TrainTaskConfig:
+    name: str = "train"
+    steps: int = 1500  # optimizer steps
+    batch_size: int = 64  # samples per optimizer step, over all micro-batches and data-parallel ranks
+    grad_accum: int = 1  # micro-batches per optimizer step
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    activation_checkpointing: bool = False
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep_last: int = 2  # checkpoints kept in run_dir/checkpoints (0 keeps all)
+    sample_at_end: bool = True  # sample a grid with the EMA weights (and score it where data allows)
+
+
+def validate_train_config(task: TrainTaskConfig, world_size: int) -> int:
+    """Check the batch arithmetic up front; returns the per-rank micro-batch size."""
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
+        if getattr(task, key) < 1:
+            raise ConfigError(f"task.{key}={getattr(task, key)} must be at least 1")
+    per_step = task.grad_accum * world_size
+    if task.batch_size % per_step:
+        raise ConfigError(
+            f"task.batch_size={task.batch_size} is not divisible by task.grad_accum={task.grad_accum} x "
+            f"{world_size} data-parallel ranks = {per_step}; use a multiple of {per_step}"
+        )
+    return task.batch_size // per_step
+
+
+def make_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    if cfg.name != "adamw":
+        raise ConfigError(f"optimizer.name={cfg.name!r} is not supported; use adamw")
+    if len(cfg.betas) != 2:
+        raise ConfigError(f"optimizer.betas={list(cfg.betas)} must have two values")
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+
+
+def optimizer_step(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    precision: PrecisionConfig,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over gradient-accumulation micro-batches; returns (mean loss, grad norm)
+    as device tensors so that the caller decides when to synchronise."""
+    device = micro_batches[0][0].device
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        with autocast(precision, device):
+            loss = diffusion.training_loss(model, x, y=y).mean()
+        scaler.scale(loss / len(micro_batches)).backward()
+        total += loss.detach()
+    scaler.unscale_(optimizer)
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return total / len(micro_batches), grad_norm
+
+
+def learning_rate(cfg: OptimizerConfig, step: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant; a function of the step alone, so resume needs no state."""
+    if cfg.warmup_steps:
+        return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    return cfg.lr
+
+
+class _Progress:
+    """Per-step metrics kept on the device and written out once per log interval (one sync), a
+    progress bar on a terminal, and a log line per interval everywhere (CI, Slurm)."""
+
+    def __init__(self, ctx: RunContext, total: int, start: int):
+        self.ctx = ctx
+        self.total = total
+        self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
+        self.since = time.perf_counter()
+        show_bar = ctx.dist.is_main and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, desc="train", disable=not show_bar, dynamic_ncols=True)
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
+        self.pending.append((step, loss, grad_norm, lr))
+        self.bar.update(1)
+
+    def flush(self) -> None:
+        """Record each pending step; stop on a non-finite loss."""
+        if not self.pending:
+            return
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in self.pending]).tolist()
+        for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss} at step {step}; lower optimizer.lr, keep "
+                    "optimizer.grad_clip > 0, or use precision=bf16 instead of fp16"
+                )
+            self.ctx.tracker.log({"loss": loss, "grad_norm": norm, "lr": lr}, step)
+        now = time.perf_counter()
+        rate = len(self.pending) / max(now - self.since, 1e-9)
+        self.since = now
+        loss, norm = values[-1]
+        self.bar.set_postfix(loss=f"{loss:.4f}")
+        log.info("step %d/%d loss %.4f grad_norm %.3f %.2f it/s", self.pending[-1][0], self.total, loss, norm, rate)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.bar.close()
+
+
+class _BatchStream:
+    """Pulls batches, dropping unreadable items with a warning and counting them."""
+
+    max_warnings = 20
+
+    def __init__(self, loader, device: torch.device, codec: LatentCodec | None):
+        self.iterator = iter(loader)
+        self.device = device
+        self.codec = codec
+        self.skipped = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        while True:
+            batch = next(self.iterator)
+            for bad in batch.bad:
+                self.skipped += 1
+                if self.skipped <= self.max_warnings:
+                    log.warning("skipped unreadable sample %s (%s)", bad.path, bad.reason)
+                elif self.skipped == self.max_warnings + 1:
+                    log.warning("more unreadable samples; counting them without further warnings")
+            if batch.x is not None:
+                x = batch.x.to(self.device, non_blocking=True)
+                y = batch.y.to(self.device, non_blocking=True)
+                return (self.codec.encode(x) if self.codec is not None else x), y
+
+
+def train(
+    ctx: RunContext,
+    *,
+    model_cfg,
+    data_cfg,
+    vae: VAEConfig,
+    diffusion_cfg: DiffusionConfig,
+    optimizer_cfg: OptimizerConfig,
+    task: TrainTaskConfig,
+    sampling: SamplingConfig,
+    precision: PrecisionConfig,
+    parallel: ParallelConfig,
+    kernels: KernelsConfig,
+    pab: PABConfig,
+    resume: str | None,
+    run_config: dict,
+) -> dict:
+    device, run_dir = ctx.device, ctx.run_dir
+    micro_batch = validate_train_config(task, ctx.dist.world_size)
+    cache = build_cache(pab)
+    dataset, spec = build_dataset(data_cfg)
+    model_cfg = resolve_model_config(model_cfg, spec, vae)
+    resume_from = ckpt_io.resolve_resume(resume, run_dir)
+    state = ckpt_io.load_checkpoint(resume_from) if resume_from else None
+    if state is not None:
+        _check_same_model(state, model_cfg, resume_from)
+    codec = make_codec(vae, device) if spec.space == "pixel" else None
+
+    model = prepare_model(model_cfg, ctx, parallel, kernels, precision, task.activation_checkpointing)
+    if state is None:
+        load_external_weights(model, model_cfg)
+    optimizer = make_optimizer(model, optimizer_cfg, device)
+    scaler = make_grad_scaler(precision, device)
+    ema = EMA(model, task.ema_decay, task.ema_warmup)
+    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma)
+    step = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt_io.restore_rng_state(state["rng"])
+        step = state["step"]
+        truncate_metrics(run_dir, step)
+        log.info("resumed from %s at step %d", resume_from, step)
+    del state
+
+    loader = build_loader(
+        dataset, micro_batch, ctx.seed, step * task.batch_size, data_cfg.num_workers, device.type == "cuda"
+    )
+    stream = _BatchStream(loader, device, codec)
+    log.info(
+        "training %d steps: batch %d (%d x %d micro-batches), %d samples in %s, precision %s",
+        task.steps,
+        task.batch_size,
+        micro_batch,
+        task.grad_accum,
+        len(dataset),
+        data_cfg.name,
+        precision.dtype,
+    )
+
+    def save(at_step: int) -> None:
+        if ctx.dist.is_main:
+            path = ckpt_io.checkpoint_path(run_dir, at_step)
+            ckpt_io.atomic_save(
+                {
+                    "step": at_step,
+                    "model": model.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": ckpt_io.rng_state(),
+                    "model_config": dataclasses.asdict(model_cfg),
+                    "config": run_config,
+                },
+                path,
+            )
+            ckpt_io.prune(path.parent, task.keep_last)
+
+    model.train()
+    started = time.perf_counter()
+    first_step = step
+    progress = _Progress(ctx, task.steps, step)
+    while step < task.steps:
+        lr = learning_rate(optimizer_cfg, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [stream.next() for _ in range(task.grad_accum)]
+        loss, grad_norm = optimizer_step(
+            model, diffusion, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip
+        )
+        ema.update(model)
+        step += 1
+        progress.record(step, loss, grad_norm, lr)
+        if step % task.log_every == 0 or step % task.ckpt_every == 0 or step == task.steps:
+            progress.flush()
+        if step % task.ckpt_every == 0 or step == task.steps:
+            save(step)
+    progress.close()
+    train_seconds = time.perf_counter() - started
+    if not ckpt_io.list_checkpoints(ckpt_io.checkpoint_dir(run_dir)):
+        save(step)  # resumed from another run's final checkpoint: keep one here too
+
+    metrics = {
+        "steps": task.steps,
+        "resumed_from_step": first_step,
+        "train_seconds": round(train_seconds, 2),
+        "samples_per_second": round((task.steps - first_step) * task.batch_size / max(train_seconds, 1e-9), 2),
+        "skipped_samples": stream.skipped,
+    }
+    if stream.skipped:
+        log.warning("%d unreadable samples were skipped during training", stream.skipped)
+    if not ctx.dist.is_main:
+        return metrics
+
+    history = read_metrics(run_dir)
+    losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    if losses:
+        tail = [v for _, v in losses[-50:]]
+        metrics["final_loss"] = sum(tail) / len(tail)
+        save_loss_curve([s for s, _ in losses], [v for _, v in losses], run_dir / "loss.png")
+    metrics["checkpoint"] = str(ckpt_io.list_checkpoints(ckpt_io.checkpoint_dir(run_dir))[-1])
+    if task.sample_at_end:
+        metrics.update(
+            sample_and_score(ema.model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step)
+        )
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    ctx.tracker.finish(metrics)
+    return metrics
+
+
+def _check_same_model(state: dict, model_cfg, path) -> None:
+    saved = dict(state.get("model_config", {}))
+    current = dataclasses.asdict(model_cfg)
+    saved.pop("weights", None)
+    current.pop("weights", None)
+    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"checkpoint {path} was trained with a different model ({detail}); use the same model config")

@@ -1,0 +1,103 @@
+"""Shared helpers: run the entrypoint in-process (same compose -> validate -> execute path as the
+CLI, minus the process start) or as a real subprocess, and build tiny local assets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from PIL import Image
+
+from videosys.run import config_dir, execute, to_run_config
+
+# A few optimizer steps and a short sampler: enough to exercise every stage in seconds.
+TINY = [
+    "task.steps=4",
+    "task.batch_size=8",
+    "task.log_every=2",
+    "task.ckpt_every=2",
+    "sampling.num_steps=3",
+    "sampling.num_per_class=1",
+]
+
+
+def compose_config(overrides: list[str]):
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_inprocess(overrides: list[str], run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = compose_config([*overrides, f"run_dir={run_dir}", "device=cpu"])
+    run_cfg = to_run_config(cfg)
+    return execute(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "videosys.run", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Two classes of small random RGB images of mixed sizes."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(["cats", "dogs"]):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            size = (24 + 4 * i, 20 + 2 * label)
+            pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def tiny_vae(tmp_path: Path) -> Path:
+    """A random diffusers AutoencoderKL with 2x spatial downsampling and 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    path = tmp_path / "vae"
+    vae.save_pretrained(path)
+    return path

@@ -1,0 +1,247 @@
+"""Training: resume equality, precision, accumulation, EMA, checkpoints, latents and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, read_losses, run_inprocess
+from videosys.errors import ConfigError
+from videosys.precision import PrecisionConfig, make_grad_scaler
+from videosys.tasks import checkpoint as ckpt_io
+from videosys.tasks.common import EMA
+from videosys.tasks.train import optimizer_step
+
+RESUMABLE = ["task.steps=6", "task.ckpt_every=3", "task.log_every=1", "task.keep_last=0", "task.sample_at_end=false"]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        ["task.batch_size=8", "task.grad_accum=2"],
+        # Worker processes and random flips must resume to the same samples too.
+        ["data=imagefolder", "data.image_size=16", "data.num_workers=2", "task.batch_size=4"],
+    ],
+    ids=["digits-accum", "imagefolder-workers-flip"],
+)
+def test_stopped_and_resumed_run_has_the_same_losses(tmp_path: Path, data, request):
+    if "data=imagefolder" in data:
+        data = [*data, f"data.path={request.getfixturevalue('image_folder')}"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_inprocess([*RESUMABLE, *data], straight)
+    # Stop after the step-3 checkpoint ...
+    run_inprocess([*RESUMABLE, *data, "task.steps=3"], resumed)
+    assert [p.name for p in ckpt_io.list_checkpoints(resumed / "checkpoints")] == ["step_0000003.pt"]
+    # ... and resume in a fresh run of the same directory.
+    metrics = run_inprocess([*RESUMABLE, *data, "resume=auto"], resumed)
+    assert metrics["resumed_from_step"] == 3
+    expected, actual = read_losses(straight), read_losses(resumed)
+    assert sorted(actual) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+    assert actual == expected  # bit-for-bit on CPU
+    final_a = torch.load(straight / "checkpoints/step_0000006.pt", weights_only=False)
+    final_b = torch.load(resumed / "checkpoints/step_0000006.pt", weights_only=False)
+    for key, value in final_a["ema"]["model"].items():
+        assert torch.equal(value, final_b["ema"]["model"][key]), key
+
+
+def test_resume_after_a_crash_past_the_checkpoint_rewinds_the_metrics(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    run_inprocess(RESUMABLE, run_dir)
+    straight = read_losses(run_dir)
+    # A crash after step 5 loses the step-6 checkpoint but metrics.jsonl already has steps 4..6.
+    (run_dir / "checkpoints/step_0000006.pt").unlink()
+    run_inprocess([*RESUMABLE, "resume=auto"], run_dir)
+    lines = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [1, 2, 3, 4, 5, 6]
+    assert read_losses(run_dir) == straight
+
+
+def test_resume_from_an_explicit_checkpoint_of_another_run(tmp_path: Path):
+    first = tmp_path / "first"
+    run_inprocess(RESUMABLE, first)
+    metrics = run_inprocess([*RESUMABLE, f"resume={first}/checkpoints/step_0000003.pt"], tmp_path / "second")
+    assert metrics["resumed_from_step"] == 3
+    assert read_losses(tmp_path / "second") == {s: v for s, v in read_losses(first).items() if s > 3}
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path: Path):
+    metrics = run_inprocess([*TINY, "resume=auto", "task.sample_at_end=false"], tmp_path / "run")
+    assert metrics["resumed_from_step"] == 0
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path: Path):
+    run_inprocess([*RESUMABLE, "task.steps=3"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="hidden_size"):
+        run_inprocess([*RESUMABLE, "resume=auto", "model.hidden_size=64"], tmp_path / "run")
+
+
+def test_missing_resume_path_names_it(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="resume=.*nope.pt"):
+        run_inprocess([*TINY, f"resume={tmp_path / 'nope.pt'}"], tmp_path / "run")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_tracks_fp32(tmp_path: Path, precision):
+    common = [*TINY, "task.sample_at_end=false", "task.log_every=1"]
+    run_inprocess(common, tmp_path / "fp32")
+    reference = read_losses(tmp_path / "fp32")
+    run_inprocess([*common, f"precision={precision}"], tmp_path / precision)
+    losses = read_losses(tmp_path / precision)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    # Same data, noise and init: the first step's loss differs only by rounding.
+    assert losses[1] == pytest.approx(reference[1], rel=0.03)
+    state = torch.load(tmp_path / precision / "checkpoints/step_0000004.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in state["ema"]["model"].values())
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+
+
+class _DeterministicObjective:
+    """Stands in for the diffusion loss: a fixed function of the batch, so accumulation is testable."""
+
+    def training_loss(self, model, x, y):
+        return (model(x) - y.float().view(-1, 1)).square().mean(dim=1)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    grads = []
+    for chunks in (1, 2, 4):
+        torch.manual_seed(1)
+        model = torch.nn.Linear(5, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        fp32 = PrecisionConfig()
+        micro = list(zip(x.chunk(chunks), y.chunk(chunks), strict=True))
+        loss, _ = optimizer_step(
+            model, _DeterministicObjective(), micro, optimizer, make_grad_scaler(fp32, x.device), fp32, 0.0
+        )
+        grads.append((loss.item(), model.weight.grad.clone()))
+    for loss, grad in grads[1:]:
+        assert loss == pytest.approx(grads[0][0], rel=1e-6)
+        torch.testing.assert_close(grad, grads[0][1])
+
+
+def test_ema_update_rule():
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9, warmup=False)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    for old, new, current in zip(before, ema.model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * current)
+    warm = EMA(model, decay=0.9999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch):
+    target = tmp_path / "checkpoints" / "step_0000010.pt"
+    ckpt_io.atomic_save({"step": 5}, target)
+
+    def failing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt_io.atomic_save({"step": 10}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=False) == {"step": 5}  # the old file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step_0000010.pt"]  # no temp file left
+
+
+def test_checkpoints_are_pruned_to_keep_last(tmp_path: Path):
+    run_inprocess([*RESUMABLE, "task.ckpt_every=1", "task.keep_last=2"], tmp_path / "run")
+    assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run/checkpoints")] == [
+        "step_0000005.pt",
+        "step_0000006.pt",
+    ]
+
+
+def test_activation_checkpointing_trains_the_same(tmp_path: Path):
+    common = [*RESUMABLE, "task.steps=3"]
+    run_inprocess(common, tmp_path / "plain")
+    run_inprocess([*common, "task.activation_checkpointing=true"], tmp_path / "ac")
+    plain, ac = read_losses(tmp_path / "plain"), read_losses(tmp_path / "ac")
+    assert plain.keys() == ac.keys()
+    for step in plain:
+        assert ac[step] == pytest.approx(plain[step], rel=1e-5)
+
+
+def test_latent_training_on_an_image_folder_with_a_local_vae(tmp_path: Path, image_folder, tiny_vae):
+    overrides = [
+        *TINY,
+        "data=imagefolder",
+        f"data.path={image_folder}",
+        "data.image_size=16",
+        "data.num_workers=0",
+        f"vae.path={tiny_vae}",
+        "sampling.classes=[1]",
+        "sampling.num_per_class=3",
+    ]
+    metrics = run_inprocess(overrides, tmp_path / "run")
+    state = torch.load(metrics["checkpoint"], weights_only=False)
+    # The model works on the VAE's latent: 4 channels at half the image size, 2 classes from the folders.
+    assert (state["model_config"]["in_channels"], state["model_config"]["input_size"]) == (4, 8)
+    assert state["model_config"]["num_classes"] == 2
+    samples = torch.load(metrics["samples_pt"], weights_only=False)
+    assert samples["latents"].shape == (3, 4, 8, 8)
+    assert samples["images"].shape == (3, 3, 16, 16)  # decoded back to pixels
+    assert samples["labels"].tolist() == [1, 1, 1]
+    assert samples["images"].abs().max() <= 1.0
+    assert "class_accuracy" not in metrics  # only digits has a classifier
+
+
+def test_unreadable_images_are_skipped_warned_and_counted(tmp_path: Path, image_folder, caplog):
+    bad = image_folder / "dogs" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    (image_folder / "cats" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 garbage")
+    overrides = [*TINY, "data=imagefolder", f"data.path={image_folder}", "data.image_size=16", "data.num_workers=0"]
+    overrides += ["task.steps=6", "task.batch_size=7", "task.sample_at_end=false"]
+    with caplog.at_level(logging.WARNING):
+        metrics = run_inprocess(overrides, tmp_path / "run")
+    # 14 files, 42 samples drawn: each of the two broken files comes up three times (three epochs).
+    assert metrics["skipped_samples"] == 6
+    assert "broken.png" in caplog.text and "truncated.jpg" in caplog.text
+
+
+def test_bad_data_paths_stop_before_training(tmp_path: Path):
+    with pytest.raises(FileNotFoundError, match="data.path=.*missing-folder"):
+        run_inprocess([*TINY, "data=imagefolder", f"data.path={tmp_path / 'missing-folder'}"], tmp_path / "a")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no class sub-folders"):
+        run_inprocess([*TINY, "data=imagefolder", f"data.path={empty}"], tmp_path / "b")
+    (empty / "cats").mkdir()
+    (empty / "cats" / "notes.txt").write_text("no images here")
+    with pytest.raises(ConfigError, match="no images"):
+        run_inprocess([*TINY, "data=imagefolder", f"data.path={empty}"], tmp_path / "c")
+    with pytest.raises(ConfigError, match="data=imagefolder needs data.path"):
+        run_inprocess([*TINY, "data=imagefolder"], tmp_path / "d")
+    assert not (tmp_path / "a" / "checkpoints").exists()
+
+
+def test_missing_vae_path_names_it(tmp_path: Path, image_folder):
+    overrides = [*TINY, "data=imagefolder", f"data.path={image_folder}", f"vae.path={tmp_path / 'no-vae'}"]
+    with pytest.raises(FileNotFoundError, match="vae.path=.*no-vae"):
+        run_inprocess(overrides, tmp_path / "run")
+
+
+def test_unknown_flavor_and_batch_arithmetic_stop_early(tmp_path: Path):
+    with pytest.raises(ConfigError, match="model.flavor='M/3'"):
+        run_inprocess([*TINY, "model.flavor=M/3"], tmp_path / "a")
+    with pytest.raises(ConfigError, match="task.batch_size=10 is not divisible by task.grad_accum=4"):
+        run_inprocess([*TINY, "task.batch_size=10", "task.grad_accum=4"], tmp_path / "b")
+
+
+def test_copying_a_run_dir_keeps_it_resumable(tmp_path: Path):
+    run_inprocess([*RESUMABLE, "task.steps=3"], tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    metrics = run_inprocess([*RESUMABLE, "resume=auto"], tmp_path / "b")
+    assert metrics["resumed_from_step"] == 3
