@@ -6,9 +6,9 @@
 set -euo pipefail
 BENCH_DIR=${BENCH_DIR:-multirun/bench_dit_xl2}
 common=(task=bench model.flavor=XL/2 data=synthetic precision=bf16)
-python -m videosys.run -m "${common[@]}" task.mode=train task.batch_size=32,64,128 \
+"${PYTHON:-python}" -m videosys.run -m "${common[@]}" task.mode=train task.batch_size=32,64,128 \
   task.warmup_steps=5 task.steps=20 hydra.sweep.dir="$BENCH_DIR/train" "$@"
-python -m videosys.run -m "${common[@]}" task.mode=train task.batch_size=256 task.activation_checkpointing=true \
+"${PYTHON:-python}" -m videosys.run -m "${common[@]}" task.mode=train task.batch_size=256 task.activation_checkpointing=true \
   task.warmup_steps=3 task.steps=10 hydra.sweep.dir="$BENCH_DIR/train_ac" "$@"
-python -m videosys.run -m "${common[@]}" task.mode=forward task.batch_size=64,256 \
+"${PYTHON:-python}" -m videosys.run -m "${common[@]}" task.mode=forward task.batch_size=64,256 \
   task.warmup_steps=5 task.steps=20 hydra.sweep.dir="$BENCH_DIR/forward" "$@"
