@@ -58,7 +58,7 @@ def main() -> None:
     y = torch.randint(0, 1000, (b,), device=device)
     if args.mode == "train":
         model.train()
-        diffusion = GaussianDiffusion(DiffusionConfig(), learn_sigma=True)
+        diffusion = GaussianDiffusion(DiffusionConfig(), learn_sigma=True, device=device)
         optimizer = make_optimizer(model, OptimizerConfig(), device)
         scaler = make_grad_scaler(bf16, device)
 

@@ -34,9 +34,9 @@ def compose_config(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def run_inprocess(overrides: list[str], run_dir: Path) -> dict:
+def run_inprocess(overrides: list[str], run_dir: Path, device: str = "cpu") -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = compose_config([*overrides, f"run_dir={run_dir}", "device=cpu"])
+    cfg = compose_config([*overrides, f"run_dir={run_dir}", f"device={device}"])
     run_cfg = to_run_config(cfg)
     return execute(run_cfg, run_dir, OmegaConf.to_container(cfg, resolve=True))
 

@@ -35,7 +35,7 @@ def test_train_writes_every_output(trained_run: Path):
     assert len(read_losses(trained_run)) == 30
     losses = read_losses(trained_run)
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # it learns
-    samples = torch.load(trained_run / "samples.pt", weights_only=False)
+    samples = torch.load(trained_run / "samples.pt", weights_only=True)
     assert samples["images"].shape == (30, 1, 8, 8) and samples["labels"].tolist() == sorted(list(range(10)) * 3)
     log_text = (trained_run / "videosys.log").read_text()
     assert "step 30/30 loss" in log_text and "it/s" in log_text
@@ -51,7 +51,7 @@ def test_sample_task_is_reproducible_value_by_value(trained_run: Path, tmp_path:
         result = run_cli(args, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         assert (run_dir / "samples.png").is_file()
-        return torch.load(run_dir / "samples.pt", weights_only=False)
+        return torch.load(run_dir / "samples.pt", weights_only=True)
 
     first, again = sample("a", "sampling.seed=5"), sample("b", "sampling.seed=5")
     assert first["labels"].tolist() == [3, 3, 7, 7]

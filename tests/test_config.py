@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from videosys.errors import ConfigError
 from videosys.models.dit import DiTConfig
 from videosys.ops import KernelsConfig
 from videosys.precision import PrecisionConfig
-from videosys.run import RunConfig, config_dir, to_run_config
+from videosys.run import GROUP_SCHEMAS, RunConfig, config_dir, to_run_config
 from videosys.tasks import BenchTaskConfig, ConsoleLoggerConfig, SampleTaskConfig, TrainTaskConfig, WandbLoggerConfig
 
 EXPECTED_TYPES = {
@@ -111,3 +113,19 @@ def test_semantic_validation_names_value():
         to_run_config(compose_config(["sampling.sampler=euler"]))
     with pytest.raises(ConfigError, match="precision.dtype='fp8'"):
         to_run_config(compose_config(["precision.dtype=fp8"]))
+
+
+def test_configuration_reference_documents_every_key():
+    doc = (Path(config_dir()).parent / "docs" / "configuration.md").read_text()
+    keys = []
+    for name, annotation in typing.get_type_hints(RunConfig).items():
+        if name in GROUP_SCHEMAS:  # groups whose options have their own schemas
+            schemas = GROUP_SCHEMAS[name].values()
+        elif dataclasses.is_dataclass(annotation):  # typed groups and plain sections
+            schemas = [annotation]
+        else:  # top-level values
+            keys.append(name)
+            continue
+        keys += [f"{name}.{f.name}" for schema in schemas for f in dataclasses.fields(schema)]
+    missing = [key for key in keys if f"`{key}`" not in doc]
+    assert not missing, f"docs/configuration.md does not document: {missing}"

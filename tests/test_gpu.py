@@ -16,15 +16,11 @@ pytestmark = [
 ]
 
 
-def gpu(overrides: list[str]) -> list[str]:
-    return [*overrides, "device=cuda"]  # run_inprocess appends device=cpu first; the last value wins
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_gpu_tracks_fp32(tmp_path: Path, precision):
-    common = gpu([*TINY, "task.log_every=1", "task.sample_at_end=false"])
-    run_inprocess(common, tmp_path / "fp32")
-    run_inprocess([*common, f"precision={precision}"], tmp_path / precision)
+    common = [*TINY, "task.log_every=1", "task.sample_at_end=false"]
+    run_inprocess(common, tmp_path / "fp32", device="cuda")
+    run_inprocess([*common, f"precision={precision}"], tmp_path / precision, device="cuda")
     reference, losses = read_losses(tmp_path / "fp32"), read_losses(tmp_path / precision)
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     # Same device, seed, data and noise draws: the first step differs only by rounding.
@@ -32,13 +28,11 @@ def test_mixed_precision_on_gpu_tracks_fp32(tmp_path: Path, precision):
 
 
 def test_sampling_and_bench_on_gpu(tmp_path: Path):
-    metrics = run_inprocess(gpu([*TINY, "precision=bf16"]), tmp_path / "train")
+    metrics = run_inprocess([*TINY, "precision=bf16"], tmp_path / "train", device="cuda")
     samples = torch.load(metrics["samples_pt"], weights_only=False)
     assert torch.isfinite(samples["images"]).all()
-    result = run_inprocess(
-        gpu(["task=bench", "task.batch_size=8", "task.steps=3", "task.warmup_steps=1", "precision=bf16"]),
-        tmp_path / "bench",
-    )
+    bench_args = ["task=bench", "task.batch_size=8", "task.steps=3", "task.warmup_steps=1", "precision=bf16"]
+    result = run_inprocess(bench_args, tmp_path / "bench", device="cuda")
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert bench["peak_memory_kind"] == "cuda max allocated" and bench["peak_memory_gib"] > 0
     assert bench["tflop_per_step"] > 0 and result["achieved_tflops"] > 0

@@ -43,8 +43,8 @@ def test_stopped_and_resumed_run_has_the_same_losses(tmp_path: Path, data, reque
     expected, actual = read_losses(straight), read_losses(resumed)
     assert sorted(actual) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert actual == expected  # bit-for-bit on CPU
-    final_a = torch.load(straight / "checkpoints/step_0000006.pt", weights_only=False)
-    final_b = torch.load(resumed / "checkpoints/step_0000006.pt", weights_only=False)
+    final_a = torch.load(straight / "checkpoints/step_0000006.pt", weights_only=True)
+    final_b = torch.load(resumed / "checkpoints/step_0000006.pt", weights_only=True)
     for key, value in final_a["ema"]["model"].items():
         assert torch.equal(value, final_b["ema"]["model"][key]), key
 
@@ -95,7 +95,7 @@ def test_mixed_precision_tracks_fp32(tmp_path: Path, precision):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     # Same data, noise and init: the first step's loss differs only by rounding.
     assert losses[1] == pytest.approx(reference[1], rel=0.03)
-    state = torch.load(tmp_path / precision / "checkpoints/step_0000004.pt", weights_only=False)
+    state = torch.load(tmp_path / precision / "checkpoints/step_0000004.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in state["ema"]["model"].values())
     assert all(v.dtype == torch.float32 for v in state["model"].values())
 
@@ -152,7 +152,7 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         ckpt_io.atomic_save({"step": 10}, target)
     monkeypatch.undo()
-    assert torch.load(target, weights_only=False) == {"step": 5}  # the old file is untouched
+    assert torch.load(target, weights_only=True) == {"step": 5}  # the old file is untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["step_0000010.pt"]  # no temp file left
 
 
@@ -186,11 +186,11 @@ def test_latent_training_on_an_image_folder_with_a_local_vae(tmp_path: Path, ima
         "sampling.num_per_class=3",
     ]
     metrics = run_inprocess(overrides, tmp_path / "run")
-    state = torch.load(metrics["checkpoint"], weights_only=False)
+    state = torch.load(metrics["checkpoint"], weights_only=True)
     # The model works on the VAE's latent: 4 channels at half the image size, 2 classes from the folders.
     assert (state["model_config"]["in_channels"], state["model_config"]["input_size"]) == (4, 8)
     assert state["model_config"]["num_classes"] == 2
-    samples = torch.load(metrics["samples_pt"], weights_only=False)
+    samples = torch.load(metrics["samples_pt"], weights_only=True)
     assert samples["latents"].shape == (3, 4, 8, 8)
     assert samples["images"].shape == (3, 3, 16, 16)  # decoded back to pixels
     assert samples["labels"].tolist() == [1, 1, 1]
@@ -245,3 +245,41 @@ def test_copying_a_run_dir_keeps_it_resumable(tmp_path: Path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     metrics = run_inprocess([*RESUMABLE, "resume=auto"], tmp_path / "b")
     assert metrics["resumed_from_step"] == 3
+
+
+def test_sampling_from_diffusers_weights_matches_the_diffusers_model(tmp_path: Path):
+    from test_dit import tiny_diffusers_dit
+    from videosys.diffusion import DiffusionConfig, SamplingConfig, make_scheduler, sample_class_conditional
+
+    reference, folder = tiny_diffusers_dit(tmp_path)
+    arch = ["model.depth=3", "model.hidden_size=32", "model.num_heads=2", f"model.weights={folder}"]
+    sampling = ["sampling.classes=[0,4]", "sampling.num_per_class=2", "sampling.num_steps=5", "sampling.seed=3"]
+    # The default data is digits (1 x 8 x 8, 10 classes); the diffusers folder's own geometry must win.
+    metrics = run_inprocess(["task=sample", *arch, *sampling], tmp_path / "run")
+    ours = torch.load(metrics["samples_pt"], weights_only=True)
+    assert metrics["model_config"]["in_channels"] == 3 and metrics["model_config"]["num_classes"] == 5
+    cfg = SamplingConfig(classes=[0, 4], num_per_class=2, num_steps=5, seed=3, cfg_scale=2.0)
+    expected = sample_class_conditional(
+        lambda x, t, y: reference(x, t, y).sample,
+        torch.tensor([0, 0, 4, 4]),
+        (3, 8, 8),
+        make_scheduler(cfg, DiffusionConfig(), learn_sigma=True, clip=True),
+        null_label=5,
+        cfg_scale=2.0,
+        learn_sigma=True,
+        generator=torch.Generator().manual_seed(3),
+    )
+    torch.testing.assert_close(ours["latents"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_from_a_plain_state_dict_takes_geometry_from_the_data(tmp_path: Path):
+    from videosys.models.dit import DiT, DiTConfig
+
+    weights = tmp_path / "dit.pt"
+    torch.save(DiT(DiTConfig(input_size=8, in_channels=2, num_classes=3)).state_dict(), weights)
+    data = ["data=synthetic", "data.channels=2", "data.image_size=8", "data.num_classes=3"]
+    metrics = run_inprocess(
+        ["task=sample", f"model.weights={weights}", *data, "sampling.num_steps=2", "sampling.num_per_class=1"],
+        tmp_path / "run",
+    )
+    assert torch.load(metrics["samples_pt"], weights_only=True)["images"].shape == (3, 2, 8, 8)

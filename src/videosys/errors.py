@@ -7,3 +7,7 @@ exception is a bug and keeps its traceback.
 
 class ConfigError(ValueError):
     """A bad config value or input; the message names the value and the fix."""
+
+
+class MissingGeometryError(ConfigError):
+    """The model's input geometry (size, channels, classes) is neither configured nor derivable yet."""

@@ -146,7 +146,7 @@ def seed_everything(seed: int) -> None:
 def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
     """Build the process layout and run the selected task."""
     dist = init_distributed(cfg.parallel, cfg.device)
-    seed_everything(cfg.seed + dist.rank)
+    seed_everything(cfg.seed)  # the same on every rank: replicas must start from identical weights
     tracker = build_tracker(cfg.logger, run_dir, resolved, dist.is_main)
     ctx = RunContext(dist=dist, run_dir=run_dir, seed=cfg.seed, tracker=tracker)
     common = dict(

@@ -72,9 +72,10 @@ class DigitClassifier:
     def __init__(self, split_seed: int):
         from sklearn.svm import SVC
 
-        x_held, y_held = digits_halves(split_seed)["held_out"]
+        halves = digits_halves(split_seed)
+        x_held, y_held = halves["held_out"]
         self.model = SVC(gamma=0.001, C=10.0).fit(x_held.reshape(len(x_held), -1), y_held)
-        x_train, y_train = digits_halves(split_seed)["train"]
+        x_train, y_train = halves["train"]
         # Sanity figure: the same classifier on real digits it never saw.
         self.real_accuracy = float(self.model.score(x_train.reshape(len(x_train), -1), y_train))
 

@@ -41,8 +41,8 @@ def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
 
 
 def _gather(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    """table[t] as float32, shaped to broadcast over a (B, ...) tensor of rank ndim."""
-    return table.to(t.device)[t].float().reshape(-1, *([1] * (ndim - 1)))
+    """table[t], shaped to broadcast over a (B, ...) tensor of rank ndim."""
+    return table[t].reshape(-1, *([1] * (ndim - 1)))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -76,9 +76,13 @@ def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
 
 
 class GaussianDiffusion:
-    """Holds the schedule tables and computes the DiT training loss."""
+    """Holds the schedule tables and computes the DiT training loss.
 
-    def __init__(self, cfg: DiffusionConfig, learn_sigma: bool):
+    The tables are computed in float64 and kept as float32 on `device`, so that a training step
+    indexes them without a host-to-device copy (which would synchronise the GPU).
+    """
+
+    def __init__(self, cfg: DiffusionConfig, learn_sigma: bool, device: torch.device | str = "cpu"):
         self.num_timesteps = cfg.num_train_timesteps
         self.learn_sigma = learn_sigma
         betas = make_betas(cfg)
@@ -96,6 +100,19 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
         self.posterior_mean_coef2 = (1.0 - alpha_bar_prev) * (1.0 - betas).sqrt() / (1.0 - alpha_bar)
         self.log_betas = torch.log(betas)
+        for name in self._TABLES:
+            setattr(self, name, getattr(self, name).to(device=device, dtype=torch.float32))
+
+    _TABLES = (
+        "sqrt_alpha_bar",
+        "sqrt_one_minus_alpha_bar",
+        "sqrt_recip_alpha_bar",
+        "sqrt_recipm1_alpha_bar",
+        "posterior_log_variance",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "log_betas",
+    )
 
     def sample_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch,), device=device)

@@ -48,7 +48,9 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, dim)
+        # (B, C, H, W) -> (B, N, dim). Made contiguous: elementwise ops keep their first input's
+        # layout, so a transposed view here would make the whole residual stream strided (slow).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
@@ -123,7 +125,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self.attention_fn(qkv[0], qkv[1], qkv[2])
+        # unbind, not qkv[i]: its backward is one stack instead of three zero-filled full-size gradients.
+        q, k, v = qkv.unbind(0)
+        out = self.attention_fn(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from videosys.errors import ConfigError
+from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models.blocks import (
     AdaLNFinalLayer,
     Attention,
@@ -82,7 +82,9 @@ class DiTConfig:
             cfg = _apply_diffusers_config(cfg, Path(cfg.weights))
         missing = [k for k in ("input_size", "in_channels", "num_classes") if getattr(cfg, k) is None]
         if missing:
-            raise ConfigError(f"model.{missing[0]} is not set and could not be taken from the data")
+            raise MissingGeometryError(
+                f"model.{missing[0]} is not set and could not be taken from the data or the weights; set it"
+            )
         if cfg.input_size % cfg.patch_size:
             raise ConfigError(
                 f"model input size {cfg.input_size} is not divisible by patch size {cfg.patch_size}; "

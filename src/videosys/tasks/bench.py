@@ -32,8 +32,16 @@ from videosys.tasks.train import OptimizerConfig, make_optimizer, optimizer_step
 
 log = logging.getLogger(__name__)
 
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment; fp32 has no entry.
-PEAK_TFLOPS_16BIT = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment, most specific first.
+PEAK_TFLOPS_16BIT = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "H100": 989.4,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+}
 
 
 @dataclass
@@ -117,7 +125,7 @@ def bench(
     spec = build_dataset(data_cfg)[1]
     model_cfg = resolve_model_config(model_cfg, spec, vae)
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision, task.activation_checkpointing)
-    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma)
+    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma, device)
     shape = (task.batch_size, model.in_channels, model.input_size, model.input_size)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, model_cfg.num_classes, (task.batch_size,), device=device)

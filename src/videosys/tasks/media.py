@@ -10,12 +10,18 @@ from PIL import Image
 
 
 def save_image_grid(images: torch.Tensor, rows: int, path: Path, min_cell: int = 64) -> None:
-    """images: (N, C, H, W) in [-1, 1], N = rows * columns; small images are upscaled (nearest)."""
+    """images: (N, C, H, W) in [-1, 1], N = rows * columns; small images are upscaled (nearest).
+
+    One channel is shown grey; otherwise the first three channels as RGB (model-space samples such
+    as undecoded latents get a preview, zero-padded when they have two channels).
+    """
     n, channels, height, width = images.shape
     cols = -(-n // rows)
     pixels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if channels == 1:
         pixels = pixels.expand(-1, 3, -1, -1)
+    elif channels == 2:
+        pixels = torch.cat([pixels, torch.zeros_like(pixels[:, :1])], dim=1)
     pad = 2
     grid = np.full((rows * (height + pad) + pad, cols * (width + pad) + pad, 3), 255, dtype=np.uint8)
     for i in range(n):

@@ -12,7 +12,7 @@ from videosys.data import build_dataset
 from videosys.diffusion import DiffusionConfig, SamplingConfig
 from videosys.distributed import ParallelConfig
 from videosys.encoders import VAEConfig
-from videosys.errors import ConfigError
+from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
 from videosys.precision import PrecisionConfig
@@ -66,10 +66,10 @@ def sample(
         log.info("sampling from %s (step %d, %s weights)", path, state["step"], "EMA" if task.use_ema else "raw")
         del state
     elif model_cfg.weights:
-        spec = None
-        if any(getattr(model_cfg, k) is None for k in ("input_size", "in_channels", "num_classes")):
-            spec = build_dataset(data_cfg)[1]
-        model_cfg = resolve_model_config(model_cfg, spec, vae)
+        try:  # self-describing weights (a diffusers folder) carry their own geometry
+            model_cfg = model_cfg.resolved()
+        except MissingGeometryError:  # plain state dicts: take it from the data config
+            model_cfg = resolve_model_config(model_cfg, build_dataset(data_cfg)[1], vae)
         model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
         load_external_weights(model, model_cfg)
     else:

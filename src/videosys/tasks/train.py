@@ -228,7 +228,7 @@ def train(
     optimizer = make_optimizer(model, optimizer_cfg, device)
     scaler = make_grad_scaler(precision, device)
     ema = EMA(model, task.ema_decay, task.ema_warmup)
-    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma)
+    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma, device)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])

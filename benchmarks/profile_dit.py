@@ -1,0 +1,45 @@
+"""Profile one DiT-XL/2 bf16 training step (VideoSys vs diffusers) and list the top CUDA kernels."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "benchmarks")
+from peer_diffusers_dit import DiffusersDiT  # noqa: E402
+
+from videosys.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from videosys.models.dit import DiT, DiTConfig  # noqa: E402
+from videosys.precision import PrecisionConfig, make_grad_scaler  # noqa: E402
+from videosys.tasks.train import OptimizerConfig, make_optimizer, optimizer_step  # noqa: E402
+
+
+def run(name, model, batch=64):
+    device = torch.device("cuda")
+    bf16 = PrecisionConfig(name="bf16", dtype="bf16")
+    x = torch.randn(batch, 4, 32, 32, device=device)
+    y = torch.randint(0, 1000, (batch,), device=device)
+    diffusion = GaussianDiffusion(DiffusionConfig(), learn_sigma=True, device=device)
+    optimizer = make_optimizer(model, OptimizerConfig(), device)
+    scaler = make_grad_scaler(bf16, device)
+    for _ in range(3):
+        optimizer_step(model, diffusion, [(x, y)], optimizer, scaler, bf16, 1.0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        for _ in range(2):
+            optimizer_step(model, diffusion, [(x, y)], optimizer, scaler, bf16, 1.0)
+        torch.cuda.synchronize()
+    print(f"===== {name}")
+    events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    for e in events[:28]:
+        print(f"{e.self_device_time_total / 1e3:8.2f} ms  {e.count:5d}  {e.key:36s} {str(e.input_shapes)[:110]}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    cfg = DiTConfig(flavor="XL/2", input_size=32, in_channels=4, num_classes=1000)
+    run("videosys", DiT(cfg).cuda())
+    run("diffusers", DiffusersDiT().cuda())
