@@ -63,22 +63,24 @@ def test_sample_task_is_reproducible_value_by_value(trained_run: Path, tmp_path:
 
 
 def test_bench_writes_timings_flops_and_memory(tmp_path: Path):
-    for mode in ("train", "forward"):
-        run_dir = tmp_path / mode
-        args = ["task=bench", f"task.mode={mode}", "task.batch_size=4", "task.warmup_steps=1", "task.steps=3"]
-        result = run_cli([*args, f"run_dir={run_dir}"], cwd=tmp_path)
+    # Forward FLOPs of the debug DiT (16 tokens, width 128, depth 4, batch 4), counted by hand.
+    b, n, d = 4, 16, 128
+    block = 2 * b * d * 6 * d + 2 * b * n * d * 3 * d + 4 * b * n * n * d + 2 * b * n * d * d + 16 * b * n * d * d
+    forward = 2 * b * n * d * 4 + 2 * b * (256 * d + d * d) + 4 * block + 2 * b * d * 2 * d + 2 * b * n * d * 8
+    # (mode, activation checkpointing) -> (model FLOPs, executed FLOPs): recomputation adds a forward.
+    cases = {("train", False): (3, 3), ("train", True): (3, 4), ("forward", False): (1, 1)}
+    for (mode, ac), (model_factor, executed_factor) in cases.items():
+        run_dir = tmp_path / f"{mode}-{ac}"
+        args = ["task=bench", f"task.mode={mode}", f"task.activation_checkpointing={ac}", "task.batch_size=4"]
+        result = run_cli([*args, "task.warmup_steps=1", "task.steps=3", f"run_dir={run_dir}"], cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         bench = json.loads((run_dir / "bench.json").read_text())
         assert bench["mode"] == mode and bench["steps"] == 3
         assert bench["latency_ms"]["min"] <= bench["latency_ms"]["median"] <= bench["latency_ms"]["max"]
         assert bench["samples_per_second"] == pytest.approx(4 / (bench["latency_ms"]["mean"] / 1e3))
         assert bench["peak_memory_gib"] > 0 and bench["mfu"] is None  # no peak known for a CPU
-        # Forward FLOPs of the debug DiT (16 tokens, width 128, depth 4, batch 4), counted by hand.
-        b, n, d = 4, 16, 128
-        block = 2 * b * d * 6 * d + 2 * b * n * d * 3 * d + 4 * b * n * n * d + 2 * b * n * d * d + 16 * b * n * d * d
-        forward = 2 * b * n * d * 4 + 2 * b * (256 * d + d * d) + 4 * block + 2 * b * d * 2 * d + 2 * b * n * d * 8
-        expected = forward if mode == "forward" else 3 * forward
-        assert bench["tflop_per_step"] * 1e12 == pytest.approx(expected, rel=0.02)
+        assert bench["tflop_per_step"] * 1e12 == pytest.approx(model_factor * forward, rel=1e-6)
+        assert bench["executed_tflop_per_step"] * 1e12 == pytest.approx(executed_factor * forward, rel=0.02)
 
 
 def _wandb_records(run_file: Path) -> list:
