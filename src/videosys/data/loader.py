@@ -30,6 +30,12 @@ class Batch:
     y: torch.Tensor | None
     bad: list[BadSample]
 
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True), so that host-to-GPU copies can be asynchronous."""
+        if self.x is None:
+            return self
+        return Batch(self.x.pin_memory(), self.y.pin_memory(), self.bad)
+
 
 class ResumableSampler(Sampler):
     """Endless stream of (index, augment_seed) keys starting at sample position `start`."""

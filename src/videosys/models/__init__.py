@@ -33,8 +33,3 @@ def model_entry(name: str) -> ModelEntry:
 def build_model(cfg) -> nn.Module:
     """Build the model for a (resolved) model config on the current default device (meta is fine)."""
     return model_entry(cfg.name).model_cls(cfg)
-
-
-def load_model_weights(model: nn.Module, cfg) -> None:
-    if cfg.weights:
-        model_entry(cfg.name).load_weights(model, cfg.weights)
