@@ -46,8 +46,15 @@ def tiny_diffusers_dit(tmp_path, learn_sigma=True, share_embedders=True):
     return model, folder
 
 
+ON_GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("learn_sigma", [True, False])
-def test_matches_diffusers_dit(tmp_path, learn_sigma):
+def test_matches_diffusers_dit(tmp_path, learn_sigma, device):
     reference, folder = tiny_diffusers_dit(tmp_path, learn_sigma)
     # Architecture comes from the diffusers config.json; only the flavor's dims must be overridden to match.
     cfg = DiTConfig(flavor="debug", depth=3, hidden_size=32, num_heads=2, patch_size=2, weights=str(folder))
@@ -55,10 +62,11 @@ def test_matches_diffusers_dit(tmp_path, learn_sigma):
     load_weights(ours, str(folder))
     assert ours.config.timestep_freq_shift == 1 and ours.config.mlp_norm_eps == 1e-5
     assert ours.learn_sigma == learn_sigma
+    reference, ours = reference.to(device), ours.to(device)
     torch.manual_seed(1)
-    x = torch.randn(4, 3, 8, 8)
-    t = torch.tensor([0, 17, 500, 999])
-    y = torch.tensor([0, 1, 4, 5])  # 5 is the null (unconditional) label
+    x = torch.randn(4, 3, 8, 8, device=device)
+    t = torch.tensor([0, 17, 500, 999], device=device)
+    y = torch.tensor([0, 1, 4, 5], device=device)  # 5 is the null (unconditional) label
     with torch.no_grad():
         expected = reference(x, t, y).sample
         actual = ours(x, t, y)

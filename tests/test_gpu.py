@@ -1,4 +1,5 @@
-"""The same paths on a CUDA GPU: training in every precision, sampling, bench, diffusers parity."""
+"""The same paths on a CUDA GPU: mixed-precision training, sampling and bench (diffusers parity on
+GPU is a device parameter of tests/test_dit.py)."""
 
 from __future__ import annotations
 
@@ -29,26 +30,12 @@ def test_mixed_precision_on_gpu_tracks_fp32(tmp_path: Path, precision):
 
 def test_sampling_and_bench_on_gpu(tmp_path: Path):
     metrics = run_inprocess([*TINY, "precision=bf16"], tmp_path / "train", device="cuda")
-    samples = torch.load(metrics["samples_pt"], weights_only=False)
-    assert torch.isfinite(samples["images"]).all()
+    samples = torch.load(metrics["samples_pt"], weights_only=True)
+    assert samples["images"].shape == (10, 1, 8, 8) and samples["labels"].tolist() == list(range(10))
+    assert torch.isfinite(samples["images"]).all() and samples["images"].abs().max() <= 1.0
+    assert 0.0 <= metrics["class_accuracy"] <= 1.0
     bench_args = ["task=bench", "task.batch_size=8", "task.steps=3", "task.warmup_steps=1", "precision=bf16"]
     result = run_inprocess(bench_args, tmp_path / "bench", device="cuda")
     bench = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert bench["peak_memory_kind"] == "cuda max allocated" and bench["peak_memory_gib"] > 0
     assert bench["tflop_per_step"] > 0 and result["achieved_tflops"] > 0
-
-
-def test_diffusers_parity_on_gpu(tmp_path: Path):
-    from test_dit import tiny_diffusers_dit
-    from videosys.models.dit import DiT, DiTConfig, load_weights
-
-    reference, folder = tiny_diffusers_dit(tmp_path)
-    ours = DiT(DiTConfig(depth=3, hidden_size=32, num_heads=2, patch_size=2, weights=str(folder)))
-    load_weights(ours, str(folder))
-    reference, ours = reference.cuda().eval(), ours.cuda().eval()
-    x = torch.randn(4, 3, 8, 8, device="cuda")
-    t, y = torch.tensor([0, 17, 500, 999], device="cuda"), torch.tensor([0, 1, 4, 5], device="cuda")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with torch.no_grad():
-        expected, actual = reference(x, t, y).sample, ours(x, t, y)
-    assert ((actual - expected).norm() / expected.norm()) < 1e-5

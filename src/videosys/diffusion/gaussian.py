@@ -85,34 +85,24 @@ class GaussianDiffusion:
     def __init__(self, cfg: DiffusionConfig, learn_sigma: bool, device: torch.device | str = "cpu"):
         self.num_timesteps = cfg.num_train_timesteps
         self.learn_sigma = learn_sigma
-        betas = make_betas(cfg)
-        self.betas = betas
-        alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        # float64 schedule, kept for reference and for building samplers.
+        self.betas = betas = make_betas(cfg)
+        self.alpha_bar = alpha_bar = torch.cumprod(1.0 - betas, dim=0)
         alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
-        self.alpha_bar = alpha_bar
-        self.sqrt_alpha_bar = alpha_bar.sqrt()
-        self.sqrt_one_minus_alpha_bar = (1.0 - alpha_bar).sqrt()
-        self.sqrt_recip_alpha_bar = (1.0 / alpha_bar).sqrt()
-        self.sqrt_recipm1_alpha_bar = (1.0 / alpha_bar - 1.0).sqrt()
         posterior_variance = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
-        # The posterior variance is 0 at t=0; reuse t=1's value so its log stays finite.
-        self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
-        self.posterior_mean_coef1 = betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar)
-        self.posterior_mean_coef2 = (1.0 - alpha_bar_prev) * (1.0 - betas).sqrt() / (1.0 - alpha_bar)
-        self.log_betas = torch.log(betas)
-        for name in self._TABLES:
-            setattr(self, name, getattr(self, name).to(device=device, dtype=torch.float32))
 
-    _TABLES = (
-        "sqrt_alpha_bar",
-        "sqrt_one_minus_alpha_bar",
-        "sqrt_recip_alpha_bar",
-        "sqrt_recipm1_alpha_bar",
-        "posterior_log_variance",
-        "posterior_mean_coef1",
-        "posterior_mean_coef2",
-        "log_betas",
-    )
+        def table(values: torch.Tensor) -> torch.Tensor:
+            return values.to(device=device, dtype=torch.float32)
+
+        self.sqrt_alpha_bar = table(alpha_bar.sqrt())
+        self.sqrt_one_minus_alpha_bar = table((1.0 - alpha_bar).sqrt())
+        self.sqrt_recip_alpha_bar = table((1.0 / alpha_bar).sqrt())
+        self.sqrt_recipm1_alpha_bar = table((1.0 / alpha_bar - 1.0).sqrt())
+        # The posterior variance is 0 at t=0; reuse t=1's value so its log stays finite.
+        self.posterior_log_variance = table(torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]])))
+        self.posterior_mean_coef1 = table(betas * alpha_bar_prev.sqrt() / (1.0 - alpha_bar))
+        self.posterior_mean_coef2 = table((1.0 - alpha_bar_prev) * (1.0 - betas).sqrt() / (1.0 - alpha_bar))
+        self.log_betas = table(torch.log(betas))
 
     def sample_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
         return torch.randint(0, self.num_timesteps, (batch,), device=device)
