@@ -1,12 +1,18 @@
-"""Building blocks shared by every DiT-family model.
+"""Building blocks shared by every DiT-family model, for images and video.
 
-Attention always goes through `Attention.attention_fn`, which `videosys.parallelize` sets; that is
-the single hook where attention backends (and later sequence parallelism and caches) attach.
+Video activations are kept as (batch, frames, tokens per frame, channels). A block attends over
+space (each frame on its own), over time (each spatial position on its own) or over the full 3D
+sequence; the reshaping lives in `attend` so that models never re-derive it.
+
+Every attention, self or cross, goes through its module's `attention_fn(q, k, v, mask)`, which
+`videosys.parallelize` sets: the single hook where attention backends (and later sequence
+parallelism and caches) attach.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +21,14 @@ from torch import nn
 from videosys.ops.attention import sdpa_attention
 
 
+def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, C) -> (B, 1, ..., 1, C) so that it broadcasts over every token axis of `like`."""
+    return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation with one (shift, scale) per sample, broadcast over tokens."""
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return x * (1 + per_sample(scale, x)) + per_sample(shift, x)
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -29,14 +40,57 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_2d(dim: int, grid_h: int, grid_w: int, row_scale: float = 1.0, col_scale: float = 1.0) -> torch.Tensor:
     """2D sin/cos position embedding for a row-major token grid: (grid_h * grid_w, dim).
 
     The first half of the channels encodes the column and the second half the row, the layout
     of the DiT / MAE reference embedding, so published checkpoints see the positions they learned.
+    Positions are multiplied by `row_scale` / `col_scale`: models trained at several resolutions
+    (PixArt, Latte, Open-Sora) rescale the grid so that every resolution spans the same range.
     """
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    return torch.cat([sincos_1d(dim // 2, cols.reshape(-1)), sincos_1d(dim // 2, rows.reshape(-1))], dim=1)
+    rows = rows.reshape(-1).to(torch.float64) * row_scale
+    cols = cols.reshape(-1).to(torch.float64) * col_scale
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding for (B, H, N, D) queries and keys: per-position `cos` / `sin`
+    tables of shape (N_rot, D), applied to tokens `start:start + N_rot` (text tokens in front of
+    video tokens stay unrotated). `interleaved` rotates channel pairs (2i, 2i + 1), the layout of
+    rotary-embedding-torch and diffusers; otherwise halves (i, i + D/2), the Llama layout."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool = True
+    start: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.start or x.shape[-2] != self.cos.shape[0]:
+            head, body = x[..., : self.start, :], x[..., self.start : self.start + self.cos.shape[0], :]
+            tail = x[..., self.start + self.cos.shape[0] :, :]
+            return torch.cat([head, self._rotate(body), tail], dim=-2)
+        return self._rotate(x)
+
+    def _rotate(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        if self.interleaved:
+            pairs = x.unflatten(-1, (-1, 2))
+            turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        else:
+            first, second = x.chunk(2, dim=-1)
+            turned = torch.cat([-second, first], dim=-1)
+        return (x * self.cos + turned * self.sin).to(dtype)
+
+
+def rotary_tables(dim: int, positions: torch.Tensor, theta: float = 10000.0, interleaved: bool = True):
+    """cos / sin tables (N, dim) for 1D positions (N,), in float32, for `Rotary`."""
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
+    angles = positions.to(torch.float64)[:, None] * freqs[None, :]
+    angles = angles.repeat_interleave(2, dim=-1) if interleaved else torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
 
 
 class PatchEmbed(nn.Module):
@@ -108,37 +162,125 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection."""
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, computed in fp32 (the Llama / T5 norm)."""
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def qk_norm_layer(kind: str | None, head_dim: int, eps: float) -> nn.Module:
+    """Per-head query/key normalisation: None, "rms" (Open-Sora) or "layernorm" (CogVideoX)."""
+    if kind is None:
+        return nn.Identity()
+    if kind == "rms":
+        return RMSNorm(head_dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(head_dim, eps=eps)
+    raise ValueError(f"qk_norm={kind!r} is not known; use None, 'rms' or 'layernorm'")
+
+
+class AttentionModule(nn.Module):
+    """Base of every attention module: holds the `attention_fn` that `videosys.parallelize` sets."""
+
+    def __init__(self):
+        super().__init__()
+        # (B, H, Nq, D), (B, H, Nk, D) x2, optional bool mask -> (B, H, Nq, D). SDPA until parallelized.
+        self.attention_fn = sdpa_attention
+
+
+class Attention(AttentionModule):
+    """Multi-head self-attention with a fused qkv projection, optional per-head q/k norm and rotary."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        qk_norm: str | None = None,
+        qk_norm_eps: float = 1e-6,
+        out_bias: bool = True,
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        # (B, H, N, D) x3 -> (B, H, N, D). Set by videosys.parallelize; SDPA until then.
-        self.attention_fn = sdpa_attention
+        self.q_norm = qk_norm_layer(qk_norm, self.head_dim, qk_norm_eps)
+        self.k_norm = qk_norm_layer(qk_norm, self.head_dim, qk_norm_eps)
+        self.proj = nn.Linear(dim, dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # unbind, not qkv[i]: its backward is one stack instead of three zero-filled full-size gradients.
         q, k, v = qkv.unbind(0)
-        out = self.attention_fn(q, k, v)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        out = self.attention_fn(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
-class Mlp(nn.Module):
-    """Transformer feed-forward: Linear -> tanh-approximated GELU -> Linear."""
+class CrossAttention(AttentionModule):
+    """Multi-head attention from the tokens to a (text) context, with a padding mask on the context."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv_linear = nn.Linear(context_dim or dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, ..., C) tokens (any token layout), context: (B, L, C_ctx), context_mask: (B, L) bool."""
+        shape = x.shape
+        batch, dim = shape[0], shape[-1]
+        x = x.reshape(batch, -1, dim)
+        q = self.q_linear(x).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_linear(context).view(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        mask = None if context_mask is None else context_mask[:, None, None, :].to(torch.bool)
+        out = self.attention_fn(q, k, v, mask)
+        return self.proj(out.transpose(1, 2).reshape(shape))
+
+
+ATTENTION_LAYOUTS = ("spatial", "temporal", "full")
+
+
+def attend(attn: Attention, x: torch.Tensor, layout: str, rope: Rotary | None = None) -> torch.Tensor:
+    """Self-attention over a (B, T, S, C) video along one axis: "spatial" attends within each frame,
+    "temporal" across frames at each spatial position, "full" over all T*S tokens at once."""
+    batch, frames, spatial, dim = x.shape
+    if layout == "spatial":
+        return attn(x.reshape(batch * frames, spatial, dim), rope).view(batch, frames, spatial, dim)
+    if layout == "temporal":
+        seq = x.transpose(1, 2).reshape(batch * spatial, frames, dim)
+        return attn(seq, rope).view(batch, spatial, frames, dim).transpose(1, 2)
+    if layout == "full":
+        return attn(x.reshape(batch, frames * spatial, dim), rope).view(batch, frames, spatial, dim)
+    raise ValueError(f"attention layout {layout!r} is not one of {ATTENTION_LAYOUTS}")
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> tanh-approximated GELU -> Linear (out_dim defaults to dim)."""
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -155,4 +297,88 @@ class AdaLNFinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed3D(nn.Module):
+    """Split a video (B, C, T, H, W) into (pt, ph, pw) patches: (B, T/pt, (H/ph)(W/pw), dim)."""
+
+    def __init__(self, patch_size: tuple[int, int, int], in_channels: int, dim: int):
+        super().__init__()
+        self.patch_size = tuple(patch_size)
+        self.proj = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, dim, T', H', W')
+        return x.flatten(3).permute(0, 2, 3, 1).contiguous()
+
+
+def unpatchify_video(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int):
+    """(B, T', S', pt*ph*pw*C) patch tokens -> (B, C, T'*pt, H'*ph, W'*pw); the inverse of PatchEmbed3D
+    for a linear output layer whose features are ordered (pt, ph, pw, C)."""
+    (t, h, w), (pt, ph, pw) = grid, patch
+    x = x.reshape(x.shape[0], t, h, w, pt, ph, pw, channels)
+    return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(x.shape[0], channels, t * pt, h * ph, w * pw)
+
+
+class AdaLNSingleBlock(nn.Module):
+    """The PixArt-alpha transformer block shared by Open-Sora (STDiT3), Latte and Open-Sora-Plan.
+
+    One timestep embedding, projected once per model to (B, 6, C), plus this block's learned
+    `scale_shift_table` give shift/scale/gate for self-attention and the MLP ("adaLN-single").
+    Self-attention runs over `layout` (spatial, temporal or full); an unmodulated cross-attention to
+    the text sits between them when `cross_attention` is set. Parameter names follow Open-Sora.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        layout: str,
+        cross_attention: bool,
+        mlp_ratio: float = 4.0,
+        qk_norm: str | None = None,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        if layout not in ATTENTION_LAYOUTS:
+            raise ValueError(f"attention layout {layout!r} is not one of {ATTENTION_LAYOUTS}")
+        self.layout = layout
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, qk_norm=qk_norm)
+        self.cross_attn = CrossAttention(dim, num_heads) if cross_attention else None
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t6: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rope: Rotary | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, S, C); t6: (B, 6, C) projected timestep; context: (B, L, C) projected text."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t6).unbind(1)
+        h = attend(self.attn, modulate(self.norm1(x), shift_msa, scale_msa), self.layout, rope)
+        x = x + per_sample(gate_msa, x) * h
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(x, context, context_mask)
+        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x + per_sample(gate_mlp, x) * h
+
+
+class AdaLNSingleFinalLayer(nn.Module):
+    """Final LayerNorm modulated by the timestep embedding plus a learned (2, C) table, then the
+    projection to patch values (PixArt / Open-Sora / Latte)."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out_features)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.scale_shift_table[None] + t[:, None]).unbind(1)
         return self.linear(modulate(self.norm_final(x), shift, scale))

@@ -22,22 +22,27 @@ class KernelsConfig:
     attention: str = "sdpa"  # a name in ATTENTION_BACKENDS
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Reference attention: softmax(q k^T / sqrt(d)) v computed in fp32, cast back to the input dtype."""
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference attention: softmax(q k^T / sqrt(d)) v computed in fp32, cast back to the input dtype.
+
+    `mask` is boolean, broadcastable to (batch, heads, queries, keys); False keys are ignored.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), v.float()).to(q.dtype)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch's scaled_dot_product_attention; its dispatcher picks flash / efficient / math."""
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 @dataclass(frozen=True)
 class AttentionBackend:
     name: str
-    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    fn: Callable[..., torch.Tensor]  # (q, k, v, mask=None) -> out
     devices: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     supports_backward: bool

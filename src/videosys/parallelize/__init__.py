@@ -1,6 +1,6 @@
 """The one place where execution strategies touch a model, applied in a fixed order:
 
-1. attention backend (every `Attention` module's `attention_fn`),
+1. attention backend (every attention module's `attention_fn`),
 2. activation checkpointing (per transformer block).
 
 Sequence parallelism, FSDP2 sharding, CFG parallelism and torch.compile join this list; model
@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
 from videosys.distributed import DistContext, ParallelConfig
-from videosys.models.blocks import Attention
+from videosys.models.blocks import AttentionModule
 from videosys.ops.attention import KernelsConfig, get_attention_backend
 from videosys.precision import PrecisionConfig
 
@@ -40,7 +40,7 @@ def parallelize(
     del parallel  # single-process layout: nothing to shard yet (validated in init_distributed)
     backend = get_attention_backend(kernels.attention, dist.device, precision.torch_dtype)
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, AttentionModule):
             module.attention_fn = backend.fn
     checkpointed = 0
     if activation_checkpointing:
