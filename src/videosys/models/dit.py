@@ -30,6 +30,13 @@ from videosys.models.blocks import (
     modulate,
     sincos_2d,
 )
+from videosys.models.weights import (
+    diffusers_config,
+    load_strict,
+    read_diffusers_state_dict,
+    read_state_dict_file,
+    require_exists,
+)
 
 # Published sizes (DiT paper, table 1) for patch sizes 2, 4 and 8, plus a CPU-sized `debug` flavor.
 _SIZES = {
@@ -114,6 +121,8 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
+    block_lists = ("blocks",)  # the transformer block lists that parallel plans and checkpointing wrap
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         cfg = cfg.resolved()
@@ -189,8 +198,7 @@ DIFFUSERS_CLASS = "DiTTransformer2DModel"
 
 
 def is_diffusers_dit_folder(path: Path) -> bool:
-    config = path / "config.json"
-    return path.is_dir() and config.is_file() and json.loads(config.read_text()).get("_class_name") == DIFFUSERS_CLASS
+    return diffusers_config(path, DIFFUSERS_CLASS) is not None
 
 
 def _apply_diffusers_config(cfg: DiTConfig, folder: Path) -> DiTConfig:
@@ -266,42 +274,13 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], depth: int) -> dic
     return out
 
 
-def _read_diffusers_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    safetensors_file = folder / "diffusion_pytorch_model.safetensors"
-    if safetensors_file.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(safetensors_file))
-    bin_file = folder / "diffusion_pytorch_model.bin"
-    if bin_file.is_file():
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(
-        f"model.weights={folder} has a diffusers config.json but no diffusion_pytorch_model.safetensors or "
-        ".bin (sharded diffusers checkpoints are not supported; re-save with save_pretrained)"
-    )
-
-
 def load_weights(model: DiT, path: str) -> None:
     """Load local weights in any supported format into `model` (strictly: every tensor must match)."""
-    source = Path(path)
-    if not source.exists():
-        raise FileNotFoundError(
-            f"model.weights={path} does not exist; give a local diffusers DiT folder, a DiT .pt checkpoint "
-            "or a VideoSys checkpoint"
-        )
+    source = require_exists(path, "a local diffusers DiT folder, a DiT .pt checkpoint or a VideoSys checkpoint")
     if is_diffusers_dit_folder(source):
-        sd = convert_diffusers_state_dict(_read_diffusers_state_dict(source), model.config.depth)
-    elif source.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(source))
+        sd = convert_diffusers_state_dict(read_diffusers_state_dict(source), model.config.depth)
     else:
-        sd = torch.load(source, map_location="cpu", weights_only=True)
-        if isinstance(sd, dict) and "ema" in sd:  # a VideoSys training checkpoint: sample from EMA
-            sd = sd["ema"]
+        sd = read_state_dict_file(source)
     # The position table is fixed; recompute it if the file does not carry one.
     sd.setdefault("pos_embed", model.pos_embed.detach().clone())
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as err:
-        raise ConfigError(f"model.weights={path} does not fit {model.config.flavor}: {err}") from err
+    load_strict(model, sd, path)

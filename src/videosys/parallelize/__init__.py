@@ -28,6 +28,14 @@ class ParallelizePlan:
     checkpointed_blocks: int
 
 
+def transformer_block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The model's lists of transformer blocks, named by its `block_lists` attribute."""
+    lists = [getattr(model, name, None) for name in getattr(model, "block_lists", ())]
+    if not lists or not all(isinstance(blocks, nn.ModuleList) for blocks in lists):
+        raise ValueError(f"{type(model).__name__} does not name its transformer block lists in `block_lists`")
+    return lists
+
+
 def parallelize(
     model: nn.Module,
     dist: DistContext,
@@ -44,11 +52,9 @@ def parallelize(
             module.attention_fn = backend.fn
     checkpointed = 0
     if activation_checkpointing:
-        blocks = getattr(model, "blocks", None)
-        if not isinstance(blocks, nn.ModuleList):
-            raise ValueError(f"{type(model).__name__} has no `blocks` list to checkpoint")
-        for i, block in enumerate(blocks):
-            # The wrapper's state-dict hooks keep state-dict keys unchanged.
-            blocks[i] = checkpoint_wrapper(block)
-            checkpointed += 1
+        for blocks in transformer_block_lists(model):
+            for i, block in enumerate(blocks):
+                # The wrapper's state-dict hooks keep state-dict keys unchanged.
+                blocks[i] = checkpoint_wrapper(block)
+                checkpointed += 1
     return ParallelizePlan(attention_backend=backend.name, checkpointed_blocks=checkpointed)
