@@ -109,8 +109,8 @@ def test_unknown_group_option_is_rejected_naming_it():
 
 
 def test_semantic_validation_names_value():
-    with pytest.raises(ConfigError, match="sampling.sampler='euler'"):
-        to_run_config(compose_config(["sampling.sampler=euler"]))
+    with pytest.raises(ConfigError, match="sampling.sampler='heun'"):
+        to_run_config(compose_config(["sampling.sampler=heun"]))
     with pytest.raises(ConfigError, match="precision.dtype='fp8'"):
         to_run_config(compose_config(["precision.dtype=fp8"]))
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from videosys.diffusion import DiffusionConfig, GaussianDiffusion, SamplingConfig, make_scheduler
+from videosys.diffusion import DiffusionConfig, GaussianDiffusion, SamplingConfig, make_sampler
 from videosys.diffusion.gaussian import discretized_gaussian_log_likelihood, make_betas
 from videosys.diffusion.sampling import sample_class_conditional
 
@@ -76,7 +76,7 @@ def perfect_denoiser(diffusion: GaussianDiffusion, targets: dict[int, float], le
     alpha_bar = diffusion.alpha_bar.float()
 
     def denoise(x, t, y):
-        a = alpha_bar[t].view(-1, 1, 1, 1)
+        a = alpha_bar[t.long()].view(-1, 1, 1, 1)
         c = torch.tensor([targets[int(label)] for label in y]).view(-1, 1, 1, 1)
         eps = (x - a.sqrt() * c) / (1 - a).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], dim=1) if learn_sigma else eps
@@ -90,7 +90,7 @@ def test_samplers_recover_a_point_mass(sampler, steps, learn_sigma):
     config = DiffusionConfig()
     diffusion = GaussianDiffusion(config, learn_sigma)
     sampling = SamplingConfig(sampler=sampler, num_steps=steps, cfg_scale=1.0)
-    scheduler = make_scheduler(sampling, config, learn_sigma, clip=False)
+    scheduler = make_sampler(sampling, config.resolved(), learn_sigma, clip=False)
     out = sample_class_conditional(
         perfect_denoiser(diffusion, {0: 0.3, 1: -0.6}, learn_sigma),
         torch.tensor([0, 1, 0]),
@@ -98,7 +98,6 @@ def test_samplers_recover_a_point_mass(sampler, steps, learn_sigma):
         scheduler,
         null_label=2,
         cfg_scale=1.0,
-        learn_sigma=learn_sigma,
         generator=torch.Generator().manual_seed(0),
     )
     expected = torch.tensor([0.3, -0.6, 0.3]).view(3, 1, 1, 1).expand_as(out)
@@ -111,7 +110,7 @@ def test_classifier_free_guidance_extrapolates_from_unconditional_to_conditional
     config = DiffusionConfig()
     diffusion = GaussianDiffusion(config, learn_sigma=True)
     targets = {0: 0.3, 1: -0.2, 9: 0.1}  # label 9 is the null label: the unconditional target
-    scheduler = make_scheduler(SamplingConfig(sampler=sampler, num_steps=40), config, True, clip=False)
+    scheduler = make_sampler(SamplingConfig(sampler=sampler, num_steps=40), config.resolved(), True, clip=False)
     scale = 2.5
     out = sample_class_conditional(
         perfect_denoiser(diffusion, targets, learn_sigma=True),
@@ -120,7 +119,6 @@ def test_classifier_free_guidance_extrapolates_from_unconditional_to_conditional
         scheduler,
         null_label=9,
         cfg_scale=scale,
-        learn_sigma=True,
         generator=torch.Generator().manual_seed(0),
     )
     expected = [0.1 + scale * (targets[label] - 0.1) for label in (0, 1)]
@@ -131,10 +129,10 @@ def test_schedulers_use_the_training_schedule():
     config = DiffusionConfig(beta_schedule="cosine", num_train_timesteps=500)
     diffusion = GaussianDiffusion(config, learn_sigma=True)
     for sampler in ("ddpm", "ddim"):
-        scheduler = make_scheduler(SamplingConfig(sampler=sampler, num_steps=10), config, True, clip=True)
-        torch.testing.assert_close(scheduler.alphas_cumprod, diffusion.alpha_bar.float())
+        sampler_obj = make_sampler(SamplingConfig(sampler=sampler, num_steps=10), config.resolved(), True, clip=True)
+        torch.testing.assert_close(sampler_obj.scheduler.alphas_cumprod, diffusion.alpha_bar.float())
 
 
 def test_too_many_sampling_steps_is_a_clear_error():
     with pytest.raises(ValueError, match="sampling.num_steps=2000 exceeds"):
-        make_scheduler(SamplingConfig(num_steps=2000), DiffusionConfig(), True, clip=True)
+        make_sampler(SamplingConfig(num_steps=2000), DiffusionConfig().resolved(), True, clip=True)

@@ -249,7 +249,7 @@ def test_copying_a_run_dir_keeps_it_resumable(tmp_path: Path):
 
 def test_sampling_from_diffusers_weights_matches_the_diffusers_model(tmp_path: Path):
     from test_dit import tiny_diffusers_dit
-    from videosys.diffusion import DiffusionConfig, SamplingConfig, make_scheduler, sample_class_conditional
+    from videosys.diffusion import DiffusionConfig, SamplingConfig, make_sampler, sample_class_conditional
 
     reference, folder = tiny_diffusers_dit(tmp_path)
     arch = ["model.depth=3", "model.hidden_size=32", "model.num_heads=2", f"model.weights={folder}"]
@@ -263,10 +263,9 @@ def test_sampling_from_diffusers_weights_matches_the_diffusers_model(tmp_path: P
         lambda x, t, y: reference(x, t, y).sample,
         torch.tensor([0, 0, 4, 4]),
         (3, 8, 8),
-        make_scheduler(cfg, DiffusionConfig(), learn_sigma=True, clip=True),
+        make_sampler(cfg, DiffusionConfig().resolved(), learn_sigma=True, clip=True),
         null_label=5,
         cfg_scale=2.0,
-        learn_sigma=True,
         generator=torch.Generator().manual_seed(3),
     )
     torch.testing.assert_close(ours["latents"], expected, rtol=1e-4, atol=1e-5)

@@ -1,12 +1,24 @@
 """Training objectives and samplers; nothing here knows about parallelism."""
 
+from videosys.diffusion.flow import RectifiedFlow
 from videosys.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
-from videosys.diffusion.sampling import SamplingConfig, make_scheduler, sample_class_conditional
+from videosys.diffusion.sampling import (
+    Sampler,
+    SamplingConfig,
+    denoise_loop,
+    guided,
+    make_sampler,
+    sample_class_conditional,
+)
 
 __all__ = [
     "DiffusionConfig",
     "GaussianDiffusion",
+    "RectifiedFlow",
+    "Sampler",
     "SamplingConfig",
-    "make_scheduler",
+    "denoise_loop",
+    "guided",
+    "make_sampler",
     "sample_class_conditional",
 ]

@@ -8,6 +8,7 @@ detached inside the bound so that it is trained by the MSE alone.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -15,29 +16,84 @@ import torch
 
 from videosys.errors import ConfigError
 
+OBJECTIVES = ("eps", "v", "flow")
+
+# What a field left at None means, unless the model states its own default (`diffusion_defaults`).
+_BASE_DEFAULTS = dict(
+    objective="eps",
+    beta_schedule="linear",
+    beta_start=1e-4,
+    beta_end=0.02,
+    zero_terminal_snr=False,
+    snr_shift_scale=1.0,
+    flow_t_sampling="logit-normal",
+    flow_timestep_shift=True,
+)
+
 
 @dataclass
 class DiffusionConfig:
+    """The training objective. Fields left at None take the model's published choice (each model
+    class states them in `diffusion_defaults`), then the DDPM defaults."""
+
+    # eps: DDPM / improved DDPM (epsilon, plus the VLB when the model learns the variance);
+    # v: v-prediction (CogVideoX, Open-Sora-Plan); flow: rectified flow (Open-Sora).
+    objective: str | None = None
     num_train_timesteps: int = 1000
-    beta_schedule: str = "linear"  # linear | cosine
-    beta_start: float = 1e-4  # linear schedule ends, for 1000 steps (scaled for other lengths)
-    beta_end: float = 0.02
+    beta_schedule: str | None = None  # linear | scaled_linear | cosine
+    beta_start: float | None = None  # schedule ends for 1000 steps (linear ones are scaled for other lengths)
+    beta_end: float | None = None
+    zero_terminal_snr: bool | None = None  # rescale so the last step is pure noise (Lin et al. 2024)
+    snr_shift_scale: float | None = None  # divide the SNR by this (CogVideoX-2B uses 3.0)
+    # Rectified flow: how training draws noise levels, and the resolution/length-dependent shift.
+    flow_t_sampling: str | None = None  # logit-normal | uniform
+    flow_timestep_shift: bool | None = None
+    flow_shift_scale: float = 1.0
+    flow_base_pixels: int = 512 * 512  # height x width (pixels) at which the shift is 1 for one frame
+
+    def resolved(self, model_defaults: dict | None = None) -> DiffusionConfig:
+        cfg = dataclasses.replace(self)
+        for key, value in {**_BASE_DEFAULTS, **(model_defaults or {})}.items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        if cfg.objective not in OBJECTIVES:
+            raise ConfigError(f"diffusion.objective={cfg.objective!r} is not known; use one of {OBJECTIVES}")
+        if cfg.snr_shift_scale <= 0:
+            raise ConfigError(f"diffusion.snr_shift_scale={cfg.snr_shift_scale} must be positive")
+        return cfg
 
 
 def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
-    """Noise schedule in float64."""
+    """Noise schedule in float64, with the SNR shift and zero-terminal-SNR rescaling applied."""
+    cfg = cfg.resolved() if cfg.beta_schedule is None or cfg.beta_start is None else cfg
     steps = cfg.num_train_timesteps
     if steps < 2:
         raise ConfigError(f"diffusion.num_train_timesteps={steps} must be at least 2")
     if cfg.beta_schedule == "linear":
         scale = 1000 / steps
-        return torch.linspace(scale * cfg.beta_start, scale * cfg.beta_end, steps, dtype=torch.float64)
-    if cfg.beta_schedule == "cosine":
+        betas = torch.linspace(scale * cfg.beta_start, scale * cfg.beta_end, steps, dtype=torch.float64)
+    elif cfg.beta_schedule == "scaled_linear":
+        betas = torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, steps, dtype=torch.float64) ** 2
+    elif cfg.beta_schedule == "cosine":
         s = 0.008
         t = torch.linspace(0, steps, steps + 1, dtype=torch.float64) / steps
         alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
-    raise ConfigError(f"diffusion.beta_schedule={cfg.beta_schedule!r} is not known; use linear or cosine")
+        betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    else:
+        raise ConfigError(
+            f"diffusion.beta_schedule={cfg.beta_schedule!r} is not known; use linear, scaled_linear or cosine"
+        )
+    shift, zero_snr = cfg.snr_shift_scale or 1.0, bool(cfg.zero_terminal_snr)
+    if shift == 1.0 and not zero_snr:
+        return betas
+    alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+    alpha_bar = alpha_bar / (shift + (1 - shift) * alpha_bar)  # SNR / shift
+    if zero_snr:
+        root = alpha_bar.sqrt()
+        first, last = root[0].clone(), root[-1].clone()
+        alpha_bar = ((root - last) * first / (first - last)) ** 2
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+    return 1.0 - alpha_bar / previous
 
 
 def _gather(table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -83,6 +139,12 @@ class GaussianDiffusion:
     """
 
     def __init__(self, cfg: DiffusionConfig, learn_sigma: bool, device: torch.device | str = "cpu"):
+        cfg = cfg.resolved() if cfg.objective is None else cfg
+        if cfg.objective not in ("eps", "v"):
+            raise ConfigError(f"GaussianDiffusion trains eps or v objectives, not {cfg.objective!r}")
+        if cfg.objective == "v" and learn_sigma:
+            raise ConfigError("diffusion.objective=v cannot train a learned variance; use a model without learn_sigma")
+        self.prediction = cfg.objective
         self.num_timesteps = cfg.num_train_timesteps
         self.learn_sigma = learn_sigma
         # float64 schedule, kept for reference and for building samplers.
@@ -136,12 +198,19 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     def training_loss(self, model, x0: torch.Tensor, **model_kwargs) -> torch.Tensor:
-        """Per-sample loss for a batch of clean data: epsilon MSE (+ VLB for learned variance)."""
+        """Per-sample loss for a batch of clean data: epsilon MSE (+ VLB for learned variance), or the
+        v-prediction MSE (v = sqrt(a) noise - sqrt(1 - a) x0; equal to the x0 error weighted by 1 / (1 - a))."""
         t = self.sample_timesteps(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **model_kwargs).float()
         channels = x0.shape[1]
+        if self.prediction == "v":
+            n = x0.ndim
+            target = _gather(self.sqrt_alpha_bar, t, n) * noise.float() - _gather(
+                self.sqrt_one_minus_alpha_bar, t, n
+            ) * x0.float()
+            return _mean_per_sample((out[:, :channels] - target) ** 2)
         if self.learn_sigma:
             if out.shape[1] != 2 * channels:
                 raise ValueError(f"learned variance needs {2 * channels} output channels, model gave {out.shape[1]}")

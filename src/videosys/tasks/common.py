@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from videosys.data import DataSpec
-from videosys.diffusion import DiffusionConfig, SamplingConfig, make_scheduler, sample_class_conditional
+from videosys.diffusion import DiffusionConfig, SamplingConfig, make_sampler, sample_class_conditional
 from videosys.distributed import DistContext, ParallelConfig
 from videosys.encoders import LatentCodec, VAEConfig, latent_geometry
 from videosys.errors import ConfigError
@@ -168,18 +168,16 @@ def generate_class_samples(
     run = denoiser(model, precision, device)
     chunks = []
     for chunk in labels.split(sampling.batch_size):
-        scheduler = make_scheduler(sampling, diffusion, model.learn_sigma, clip)
+        sampler = make_sampler(sampling, diffusion, model.learn_sigma, clip)
         chunks.append(
             sample_class_conditional(
                 run,
                 chunk,
                 shape,
-                scheduler,
+                sampler,
                 null_label=model.null_label,
                 cfg_scale=sampling.cfg_scale,
-                learn_sigma=model.learn_sigma,
                 generator=generator,
-                eta=sampling.ddim_eta,
                 cache=cache,
             )
         )
