@@ -130,7 +130,6 @@ def test_bad_input_stops_with_a_message_naming_it(tmp_path: Path):
         (["task.stepz=3"], "stepz"),
         (["model=nosuchmodel"], "nosuchmodel"),
         (["model.flavor=Huge/2"], "model.flavor='Huge/2'"),
-        (["task=sample"], "task.checkpoint"),
         (["task=sample", f"task.checkpoint={tmp_path / 'gone'}"], "gone"),
     ]
     for i, (args, message) in enumerate(cases):

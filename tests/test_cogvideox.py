@@ -68,11 +68,17 @@ def tiny_diffusers(tmp_path, rotary: bool, learned: bool = False):
     return model, folder
 
 
-def pipeline_rotary(reference, latent_height: int, latent_width: int, frames: int):
+def pipeline_rotary(reference, latent_height: int, latent_width: int, frames: int, device="cpu"):
     """The tables CogVideoXPipeline passes to the transformer (its own code, with a stand-in `self`)."""
     pipe = types.SimpleNamespace(vae_scale_factor_spatial=8, transformer=reference)
     height, width = latent_height * 8, latent_width * 8  # pixels
-    return CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, height, width, frames, torch.device("cpu"))
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, height, width, frames, torch.device(device))
+
+
+ON_GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
 
 
 def relative_error(actual, expected) -> float:
@@ -88,7 +94,8 @@ def relative_error(actual, expected) -> float:
         (True, True, (8, 16)),  # 5B-I2V: learned table + rotary, 8 in / 4 out channels
     ],
 )
-def test_matches_diffusers_cogvideox(tmp_path, rotary, learned, size):
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
+def test_matches_diffusers_cogvideox(tmp_path, rotary, learned, size, device):
     reference, folder = tiny_diffusers(tmp_path, rotary, learned)
     cfg = CogVideoXConfig(flavor="debug", weights=str(folder)).resolved()
     assert (cfg.rotary, cfg.sincos_pos_embed, cfg.learned_pos_embed) == (rotary, not rotary, learned)
@@ -96,18 +103,20 @@ def test_matches_diffusers_cogvideox(tmp_path, rotary, learned, size):
     ours = CogVideoX(cfg).eval()
     load_weights(ours, str(folder))
     assert (ours.in_channels, ours.out_channels) == (reference.config.in_channels, 4)
+    reference, ours = reference.to(device), ours.to(device)
 
     torch.manual_seed(1)
     height, width = size
-    x = torch.randn(2, ours.in_channels, 3, height, width)  # VideoSys layout (B, C, T, H, W)
-    t = torch.tensor([3.0, 901.0])
-    text = torch.randn(2, TEXT_LEN, 32)
-    rope = pipeline_rotary(reference, height, width, 3) if rotary else None
+    x = torch.randn(2, ours.in_channels, 3, height, width, device=device)  # VideoSys layout (B, C, T, H, W)
+    t = torch.tensor([3.0, 901.0], device=device)
+    text = torch.randn(2, TEXT_LEN, 32, device=device)
+    rope = pipeline_rotary(reference, height, width, 3, device) if rotary else None
+    mask = torch.ones(2, TEXT_LEN, dtype=torch.bool, device=device)
     with torch.no_grad():
         expected = reference(x.transpose(1, 2), text, t, image_rotary_emb=rope).sample.transpose(1, 2)
-        actual = ours(x, t, text, text_mask=torch.ones(2, TEXT_LEN, dtype=torch.bool))
+        actual = ours(x, t, text, text_mask=mask)
         # text_mask is ignored, as in the published model: a mask hiding tokens changes nothing.
-        masked = ours(x, t, text, text_mask=torch.zeros(2, TEXT_LEN, dtype=torch.bool))
+        masked = ours(x, t, text, text_mask=~mask)
     assert actual.shape == expected.shape == (2, 4, 3, height, width)
     assert relative_error(actual, expected) < 1e-5
     assert torch.equal(masked, actual)

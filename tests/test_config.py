@@ -12,24 +12,32 @@ from omegaconf.errors import ValidationError
 
 from conftest import compose_config
 from videosys.cache import PABConfig
-from videosys.data import DigitsDataConfig, ImageFolderDataConfig, SyntheticDataConfig
+from videosys.data import DATA_CONFIGS, DigitsDataConfig
 from videosys.distributed import ParallelConfig
+from videosys.encoders import TextEncoderConfig
 from videosys.errors import ConfigError
-from videosys.models.dit import DiTConfig
+from videosys.models import MODELS
 from videosys.ops import KernelsConfig
 from videosys.precision import PrecisionConfig
 from videosys.run import GROUP_SCHEMAS, RunConfig, config_dir, to_run_config
 from videosys.tasks import BenchTaskConfig, ConsoleLoggerConfig, SampleTaskConfig, TrainTaskConfig, WandbLoggerConfig
+from videosys.tasks.preprocess import PreprocessTaskConfig
 
 EXPECTED_TYPES = {
-    "model": {"dit": DiTConfig},
+    "model": {name: entry.config_cls for name, entry in MODELS.items()},
     "parallel": {"none": ParallelConfig},
     "kernels": {"none": KernelsConfig},
     "pab": {"off": PABConfig},
-    "data": {"digits": DigitsDataConfig, "imagefolder": ImageFolderDataConfig, "synthetic": SyntheticDataConfig},
+    "data": dict(DATA_CONFIGS),
     "precision": {"fp32": PrecisionConfig, "bf16": PrecisionConfig, "fp16": PrecisionConfig},
-    "task": {"train": TrainTaskConfig, "sample": SampleTaskConfig, "bench": BenchTaskConfig},
+    "task": {
+        "train": TrainTaskConfig,
+        "sample": SampleTaskConfig,
+        "bench": BenchTaskConfig,
+        "preprocess": PreprocessTaskConfig,
+    },
     "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},
+    "text_encoder": {"none": TextEncoderConfig, "t5": TextEncoderConfig, "clip": TextEncoderConfig},
 }
 
 

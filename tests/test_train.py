@@ -100,11 +100,9 @@ def test_mixed_precision_tracks_fp32(tmp_path: Path, precision):
     assert all(v.dtype == torch.float32 for v in state["model"].values())
 
 
-class _DeterministicObjective:
+def _deterministic_objective(model, x, inputs):
     """Stands in for the diffusion loss: a fixed function of the batch, so accumulation is testable."""
-
-    def training_loss(self, model, x, y):
-        return (model(x) - y.float().view(-1, 1)).square().mean(dim=1)
+    return (model(x) - inputs["y"].float().view(-1, 1)).square().mean(dim=1)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -116,9 +114,9 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = torch.nn.Linear(5, 1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         fp32 = PrecisionConfig()
-        micro = list(zip(x.chunk(chunks), y.chunk(chunks), strict=True))
+        micro = [(xc, {"y": yc}) for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True)]
         loss, _ = optimizer_step(
-            model, _DeterministicObjective(), micro, optimizer, make_grad_scaler(fp32, x.device), fp32, 0.0
+            model, _deterministic_objective, micro, optimizer, make_grad_scaler(fp32, x.device), fp32, 0.0
         )
         grads.append((loss.item(), model.weight.grad.clone()))
     for loss, grad in grads[1:]:

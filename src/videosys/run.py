@@ -24,24 +24,26 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from videosys.cache import PABConfig
-from videosys.data import DigitsDataConfig, ImageFolderDataConfig, SyntheticDataConfig
+from videosys.data import DATA_CONFIGS
 from videosys.diffusion import DiffusionConfig, SamplingConfig
 from videosys.distributed import ParallelConfig, init_distributed
-from videosys.encoders import VAEConfig
+from videosys.encoders import TextEncoderConfig, VAEConfig
 from videosys.errors import ConfigError
-from videosys.models.dit import DiTConfig
+from videosys.models import MODELS
 from videosys.ops import KernelsConfig
 from videosys.precision import PrecisionConfig
 from videosys.tasks import (
     BenchTaskConfig,
     ConsoleLoggerConfig,
     OptimizerConfig,
+    PreprocessTaskConfig,
     RunContext,
     SampleTaskConfig,
     TrainTaskConfig,
     WandbLoggerConfig,
     bench,
     build_tracker,
+    preprocess,
     sample,
     train,
 )
@@ -61,6 +63,7 @@ class RunConfig:
     precision: PrecisionConfig = MISSING
     task: Any = MISSING
     logger: Any = MISSING
+    text_encoder: TextEncoderConfig = MISSING
     # Plain sections.
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -75,9 +78,14 @@ class RunConfig:
 # Schemas of the options of the untyped groups; `configs/<group>/<option>.yaml` extends one.
 # (parallel, kernels, pab and precision have one shape each and are typed by RunConfig itself.)
 GROUP_SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"dit": DiTConfig},
-    "data": {"digits": DigitsDataConfig, "imagefolder": ImageFolderDataConfig, "synthetic": SyntheticDataConfig},
-    "task": {"train": TrainTaskConfig, "sample": SampleTaskConfig, "bench": BenchTaskConfig},
+    "model": {name: entry.config_cls for name, entry in MODELS.items()},
+    "data": dict(DATA_CONFIGS),
+    "task": {
+        "train": TrainTaskConfig,
+        "sample": SampleTaskConfig,
+        "bench": BenchTaskConfig,
+        "preprocess": PreprocessTaskConfig,
+    },
     "logger": {"console": ConsoleLoggerConfig, "wandb": WandbLoggerConfig},
 }
 
@@ -157,6 +165,7 @@ def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
         precision=cfg.precision,
         parallel=cfg.parallel,
         kernels=cfg.kernels,
+        text_encoder=cfg.text_encoder,
     )
     if isinstance(cfg.task, TrainTaskConfig):
         return train(
@@ -173,17 +182,24 @@ def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
         return sample(ctx, **common, task=cfg.task, sampling=cfg.sampling, pab=cfg.pab)
     if isinstance(cfg.task, BenchTaskConfig):
         return bench(ctx, **common, optimizer_cfg=cfg.optimizer, task=cfg.task)
-    raise ConfigError(f"task.name={cfg.task.name!r} is not known; use task=train, task=sample or task=bench")
+    if isinstance(cfg.task, PreprocessTaskConfig):
+        return preprocess(ctx, **common, task=cfg.task)
+    raise ConfigError(
+        f"task.name={cfg.task.name!r} is not known; use task=train, task=sample, task=bench or task=preprocess"
+    )
 
 
 def report(task: str, run_dir: Path, metrics: dict) -> None:
     lines = [f"\nvideosys {task} finished. Outputs in {run_dir}:"]
-    for name in ("samples.png", "samples.pt", "loss.png", "metrics.json", "bench.json", "videosys.log"):
+    names = ("samples.png", "samples.mp4", "samples.gif", "samples.pt", "loss.png", "metrics.json", "bench.json")
+    for name in (*names, "videosys.log"):
         if (run_dir / name).exists():
             lines.append(f"  {run_dir / name}")
     if "checkpoint" in metrics:
         lines.append(f"  {metrics['checkpoint']}  (final checkpoint)")
-    for key in ("class_accuracy", "final_loss", "samples_per_second"):
+    if metrics.get("output"):
+        lines.append(f"  {metrics['output']}  (the cache: train with data=cached data.path=<this folder>)")
+    for key in ("class_accuracy", "digit_accuracy", "direction_accuracy", "final_loss", "samples_per_second"):
         if key in metrics:
             lines.append(f"  {key}: {metrics[key]:.4g}")
     print("\n".join(lines), flush=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from videosys.data.cached import CachedDataConfig, CachedDataset
 from videosys.data.digits import DigitsDataConfig, DigitsDataset
 from videosys.data.imagefolder import ImageFolderDataConfig, ImageFolderDataset
 from videosys.data.loader import BadSample, Batch, build_loader
@@ -27,6 +28,10 @@ class DataSpec:
     fps: float | None = None  # frame rate of the clips (a conditioning input of Open-Sora)
     # For text_encoder=none: the words of the captions that map to label tokens (item["label_tokens"]).
     label_vocab: tuple[str, ...] = ()
+    label_length: int = 0  # label tokens per item
+    # Cached text embeddings (task=preprocess): their width and token count; 0 when not cached.
+    text_dim: int = 0
+    text_length: int = 0
 
 
 DATA_CONFIGS = {
@@ -35,6 +40,7 @@ DATA_CONFIGS = {
     "synthetic": SyntheticDataConfig,
     "moving_digits": MovingDigitsDataConfig,
     "video_folder": VideoFolderDataConfig,
+    "cached": CachedDataConfig,
 }
 
 
@@ -58,6 +64,7 @@ def build_dataset(cfg) -> tuple[Dataset, DataSpec]:
             width=cfg.frame_size,
             fps=cfg.fps,
             label_vocab=vocab(cfg.directions),
+            label_length=2,  # [digit, direction]
         )
         return dataset, spec
     if isinstance(cfg, VideoFolderDataConfig):
@@ -72,12 +79,17 @@ def build_dataset(cfg) -> tuple[Dataset, DataSpec]:
             fps=dataset.fps,
         )
         return dataset, spec
+    if isinstance(cfg, CachedDataConfig):
+        dataset = CachedDataset(cfg)
+        return dataset, DataSpec(**dataset.spec_fields())
     raise ConfigError(f"data.name={getattr(cfg, 'name', cfg)!r} is not known; choose one of {sorted(DATA_CONFIGS)}")
 
 
 __all__ = [
     "Batch",
     "BadSample",
+    "CachedDataConfig",
+    "CachedDataset",
     "DataSpec",
     "DATA_CONFIGS",
     "MovingDigitsDataConfig",

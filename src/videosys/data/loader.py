@@ -10,7 +10,7 @@ drops those and reports them so the training loop can warn and count.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -27,14 +27,19 @@ class BadSample:
 @dataclass
 class Batch:
     x: torch.Tensor | None  # None when every item of the batch was unreadable
-    y: torch.Tensor | None
+    y: torch.Tensor | None  # class labels (None for captioned data)
     bad: list[BadSample]
+    captions: list[str] | None = None
+    # Other per-item tensors: label_tokens, or cached text / text_mask embeddings.
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True), so that host-to-GPU copies can be asynchronous."""
         if self.x is None:
             return self
-        return Batch(self.x.pin_memory(), self.y.pin_memory(), self.bad)
+        y = self.y.pin_memory() if self.y is not None else None
+        tensors = {k: v.pin_memory() for k, v in self.tensors.items()}
+        return Batch(self.x.pin_memory(), y, self.bad, self.captions, tensors)
 
 
 class ResumableSampler(Sampler):
@@ -64,13 +69,22 @@ class ResumableSampler(Sampler):
 
 
 def collate_skipping_bad(items: list) -> Batch:
+    """Items are (x, label) tuples (image datasets) or dicts with "x" and any of "label", "caption"
+    and further tensors (video datasets)."""
     bad = [item for item in items if isinstance(item, BadSample)]
     good = [item for item in items if not isinstance(item, BadSample)]
     if not good:
         return Batch(None, None, bad)
-    x = torch.stack([item[0] for item in good])
-    y = torch.tensor([int(item[1]) for item in good], dtype=torch.long)
-    return Batch(x, y, bad)
+    if not isinstance(good[0], dict):
+        x = torch.stack([item[0] for item in good])
+        y = torch.tensor([int(item[1]) for item in good], dtype=torch.long)
+        return Batch(x, y, bad)
+    x = torch.stack([item["x"] for item in good])
+    y = torch.tensor([int(item["label"]) for item in good], dtype=torch.long) if "label" in good[0] else None
+    captions = [item["caption"] for item in good] if "caption" in good[0] else None
+    reserved = {"x", "label", "caption"}
+    tensors = {key: torch.stack([item[key] for item in good]) for key in good[0] if key not in reserved}
+    return Batch(x, y, bad, captions, tensors)
 
 
 def build_loader(

@@ -37,6 +37,9 @@ class MovingDigitsDataConfig:
     split_seed: int = 0
     num_workers: int = 0
     fps: float = 8.0
+    # Where the path runs across the motion: a random row/column per clip, or through the centre
+    # (an easier task: the position in every frame follows from the direction alone).
+    random_offset: bool = True
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -145,6 +148,10 @@ class MovingDigitsDataset(Dataset):
     def vocab(self) -> tuple[str, ...]:
         return vocab(self.directions)
 
+    def default_prompts(self) -> list[str]:
+        """What sampling generates unless told otherwise: every digit moving in every direction."""
+        return default_prompts(self.directions)
+
     def __len__(self) -> int:
         return len(self.labels) * len(self.directions)
 
@@ -153,7 +160,8 @@ class MovingDigitsDataset(Dataset):
         image_index, direction_index = divmod(int(index), len(self.directions))
         direction = self.directions[direction_index]
         digit = int(self.labels[image_index])
-        offset = random.Random(augment_seed).randint(0, self.cfg.frame_size - DIGIT_SIZE)
+        free = self.cfg.frame_size - DIGIT_SIZE
+        offset = random.Random(augment_seed).randint(0, free) if self.cfg.random_offset else free // 2
         clip = render_clip(self.images[image_index], direction, offset, self.cfg.num_frames, self.cfg.frame_size)
         return {
             "x": torch.from_numpy(clip).unsqueeze(0),

@@ -207,9 +207,10 @@ class GaussianDiffusion:
         channels = x0.shape[1]
         if self.prediction == "v":
             n = x0.ndim
-            target = _gather(self.sqrt_alpha_bar, t, n) * noise.float() - _gather(
-                self.sqrt_one_minus_alpha_bar, t, n
-            ) * x0.float()
+            target = (
+                _gather(self.sqrt_alpha_bar, t, n) * noise.float()
+                - _gather(self.sqrt_one_minus_alpha_bar, t, n) * x0.float()
+            )
             return _mean_per_sample((out[:, :channels] - target) ** 2)
         if self.learn_sigma:
             if out.shape[1] != 2 * channels:

@@ -42,6 +42,10 @@ class SamplingConfig:
     prompts: list[str] | None = None
     prompts_file: str | None = None
     num_per_prompt: int = 1
+    # Video size (pixels) to generate when neither a checkpoint, the weights nor the data give one.
+    num_frames: int = 16
+    height: int = 64
+    width: int = 64
     batch_size: int = 256  # samples per denoising batch (before CFG doubles it)
 
     def __post_init__(self) -> None:

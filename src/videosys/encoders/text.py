@@ -31,7 +31,9 @@ class TextEncoderConfig:
     # Local folder with config.json + weights + tokenizer files, or a diffusers pipeline root that has
     # text_encoder/ and tokenizer/ subfolders. Required for t5 and clip.
     path: str | None = None
-    max_length: int = 300  # tokens per prompt (Open-Sora 300, CogVideoX 226, Latte 120; CLIP caps at 77)
+    # Tokens per prompt (Open-Sora 300, CogVideoX 226, Latte 120; CLIP caps at 77). For name=none, the label
+    # tokens per prompt that encode() and null() give (set it to the data's label token count).
+    max_length: int = 300
     dtype: str = "bf16"  # encoder weights and compute: fp32 | bf16 | fp16 (outputs are always fp32)
     embedding_dim: int = 64  # name=none only: width of the fixed label embeddings
     seed: int = 0  # name=none only: seeds the fixed label embeddings
@@ -93,14 +95,15 @@ def _encoder_folders(cfg: TextEncoderConfig) -> tuple[Path, Path]:
     return model_dir, tokenizer_dir
 
 
-def _read_model_config(cfg: TextEncoderConfig) -> dict:
+def _read_model_config(cfg: TextEncoderConfig, name: str) -> dict:
+    """config.json of cfg.path's model, checked to be a model that encoder `name` (t5 | clip) loads."""
     model_dir, _ = _encoder_folders(cfg)
     config = json.loads((model_dir / "config.json").read_text())
     model_type = config.get("model_type")
-    if model_type not in _MODEL_TYPES[cfg.name]:
+    if model_type not in _MODEL_TYPES[name]:
         raise ConfigError(
-            f"text_encoder.path={cfg.path} holds a {model_type!r} model, not one that text_encoder={cfg.name} loads "
-            f"(model_type {' or '.join(_MODEL_TYPES[cfg.name])}); set text_encoder.name to match the folder"
+            f"text_encoder.path={cfg.path} holds a {model_type!r} model, not one that text_encoder={name} loads "
+            f"(model_type {' or '.join(_MODEL_TYPES[name])}); set text_encoder.name to match the folder"
         )
     return config
 
@@ -116,7 +119,7 @@ def text_embedding_dim(cfg: TextEncoderConfig) -> int:
         raise ConfigError(f"text_encoder.name={cfg.name!r} is unknown; choose one of {list(TEXT_ENCODERS)}")
     if cfg.name == "none":
         return cfg.embedding_dim
-    config = _read_model_config(cfg)
+    config = _read_model_config(cfg, cfg.name)
     if cfg.name == "t5":
         return config["d_model"]
     return _clip_text_config(config)["hidden_size"]
@@ -125,20 +128,21 @@ def text_embedding_dim(cfg: TextEncoderConfig) -> int:
 class _TransformersConditioner(TextConditioner):
     """Shared tokenization and loading for transformers text encoders; subclasses run the model."""
 
-    model_class: str
+    name: str  # t5 | clip
+    model_class: str  # the transformers class that loads it
 
     def __init__(self, cfg: TextEncoderConfig, device: torch.device):
         import transformers
 
         dtype = _check_dtype(cfg)
         model_dir, tokenizer_dir = _encoder_folders(cfg)
-        self.config = _read_model_config(cfg)
+        self.config = _read_model_config(cfg, self.name)
         self.device = torch.device(device)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         model_cls = getattr(transformers, self.model_class)
         self.model = model_cls.from_pretrained(model_dir, local_files_only=True, dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
-        self.dim = self.model.config.hidden_size if cfg.name == "clip" else self.model.config.d_model
+        self.dim = self.model.config.hidden_size if self.name == "clip" else self.model.config.d_model
         self.max_length = cfg.max_length
         self._nulls: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -178,6 +182,7 @@ class _TransformersConditioner(TextConditioner):
 class T5Conditioner(_TransformersConditioner):
     """transformers T5EncoderModel: last_hidden_state with the padding mask passed to attention."""
 
+    name = "t5"
     model_class = "T5EncoderModel"
 
     def _hidden_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -191,6 +196,7 @@ class CLIPConditioner(_TransformersConditioner):
     so the real tokens do not see the padding either way; the returned mask marks them for the DiT.
     """
 
+    name = "clip"
     model_class = "CLIPTextModel"
 
     def __init__(self, cfg: TextEncoderConfig, device: torch.device):
@@ -324,7 +330,7 @@ def build_text_conditioner(
             )
         return LabelConditioner(label_vocab, cfg.embedding_dim, cfg.seed, cfg.max_length, device)
     _check_dtype(cfg)
-    _read_model_config(cfg)
+    _read_model_config(cfg, cfg.name)
     if cfg.name == "t5":
         return T5Conditioner(cfg, device)
     return CLIPConditioner(cfg, device)

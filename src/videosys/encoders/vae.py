@@ -439,6 +439,8 @@ def _check_video_cfg(cfg: VAEConfig) -> None:
 def _resolve_video_vae(cfg: VAEConfig) -> tuple[Path, str]:
     """(folder, kind) of cfg.path, after checking that the files that kind needs are there."""
     _check_video_cfg(cfg)
+    if not cfg.path:
+        raise ConfigError(f"vae.path is not set; {_VIDEO_VAE_FIX}")
     folder = Path(cfg.path).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"vae.path={cfg.path} does not exist; {_VIDEO_VAE_FIX}")

@@ -67,10 +67,13 @@ class Rotary:
     start: int = 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.start or x.shape[-2] != self.cos.shape[0]:
-            head, body = x[..., : self.start, :], x[..., self.start : self.start + self.cos.shape[0], :]
-            tail = x[..., self.start + self.cos.shape[0] :, :]
-            return torch.cat([head, self._rotate(body), tail], dim=-2)
+        end = self.start + self.cos.shape[0]
+        if self.start or x.shape[-2] != end:
+            body = self._rotate(x[..., self.start : end, :])
+            if not torch.is_grad_enabled():  # inference: rotate in place, no copy of the whole tensor
+                x[..., self.start : end, :] = body
+                return x
+            return torch.cat([x[..., : self.start, :], body, x[..., end:, :]], dim=-2)
         return self._rotate(x)
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -220,10 +223,13 @@ class Attention(AttentionModule):
 
     def forward(self, x: torch.Tensor, rope: Rotary | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         # unbind, not qkv[i]: its backward is one stack instead of three zero-filled full-size gradients.
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = qkv.unbind(2)
+        # Norm in (B, N, H, D) order, then view as (B, H, N, D): the normed q and k keep the
+        # token-major memory layout that the fused attention kernels read fastest.
+        q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
+        v = v.transpose(1, 2)
         if rope is not None:
             q, k = rope(q), rope(k)
         out = self.attention_fn(q, k, v, mask)
@@ -309,8 +315,15 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=self.patch_size, stride=self.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.proj(x)  # (B, dim, T', H', W')
-        return x.flatten(3).permute(0, 2, 3, 1).contiguous()
+        # The convolution as one GEMM over gathered patches: the same weights and math, without
+        # cuDNN's 3D-convolution path (slower, and it reserves a large workspace).
+        batch, channels, frames, height, width = x.shape
+        pt, ph, pw = self.patch_size
+        grid = (frames // pt, height // ph, width // pw)
+        patches = x.reshape(batch, channels, grid[0], pt, grid[1], ph, grid[2], pw)
+        patches = patches.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(batch, grid[0], grid[1] * grid[2], -1)
+        weight = self.proj.weight.reshape(self.proj.weight.shape[0], -1)
+        return F.linear(patches, weight, self.proj.bias)
 
 
 def unpatchify_video(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int):

@@ -334,6 +334,25 @@ class CogVideoX(nn.Module):
     learn_sigma = False
     prediction_type = "v_prediction"
 
+    @property
+    def diffusion_defaults(self) -> dict:
+        """The published objective: v-prediction on scaled-linear betas with zero terminal SNR; the
+        2B model also divides the SNR by 3 (snr_shift_scale), the 5B model does not."""
+        shift = 1.0 if self.config.flavor == "5B" else 3.0
+        return dict(
+            objective="v",
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            zero_terminal_snr=True,
+            snr_shift_scale=shift,
+        )
+
+    @property
+    def default_sampler(self) -> str:
+        """The published pipelines sample 2B with CogVideoX's DDIM and 5B with its DPM solver."""
+        return "cogvideox_dpm" if self.config.flavor == "5B" else "cogvideox_ddim"
+
     def __init__(self, cfg: CogVideoXConfig):
         super().__init__()
         cfg = cfg.resolved()

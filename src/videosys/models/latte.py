@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,7 +71,7 @@ LATTE_FLAVORS: dict[str, dict[str, int]] = {
     "debug": dict(depth=2, hidden_size=64, num_heads=4, patch_size=2, caption_channels=32),
 }
 
-_ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size", "caption_channels", "mlp_ratio")
+_ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size", "caption_channels")
 # Filled from the weights first, then the flavor, then the input geometry (see LatteConfig.resolved).
 _TABLE_FIELDS = ("num_frames_embed", "sample_size")
 
@@ -133,7 +134,8 @@ class LatteConfig:
             raise MissingGeometryError(
                 "model.in_channels is not set and could not be taken from the data or the weights; set it"
             )
-        size = list(cfg.input_size) if isinstance(cfg.input_size, list | tuple) else None
+        size = None if isinstance(cfg.input_size, str) else cfg.input_size
+        size = list(size) if isinstance(size, Sequence) else None
         if size is None or len(size) != 3 or not all(isinstance(v, int) and v > 0 for v in size):
             raise ConfigError(
                 f"model.input_size={cfg.input_size!r} must be three positive integers [frames, height, width]"
@@ -230,8 +232,8 @@ class Latte(nn.Module):
         nn.init.zeros_(proj.bias)
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
             nn.init.normal_(linear.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.fc1.weight, std=0.02)
-        nn.init.normal_(self.y_embedder.fc2.weight, std=0.02)
+        # The caption projection keeps its Xavier init: PixArt's fixed N(0, 0.02) is sized for 4096-d
+        # T5 inputs and starves small caption widths, whose conditioning then never takes hold.
         dim = self.config.hidden_size
         for block in (*self.spatial_blocks, *self.temporal_blocks):
             nn.init.normal_(block.scale_shift_table, std=dim**-0.5)
@@ -394,6 +396,7 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], cfg: LatteConfig) 
         for part in ("weight", "bias"):
             out[f"{dst}.{part}"] = torch.cat([take(f"{src}.{part}") for src in srcs], dim=0)
 
+    depth = cfg.depth if cfg.depth is not None else LATTE_FLAVORS[cfg.flavor]["depth"]
     out: dict[str, torch.Tensor] = {}
     out["x_embedder.proj.weight"] = take("pos_embed.proj.weight").unsqueeze(2)  # Conv2d -> (1, p, p) Conv3d
     out["x_embedder.proj.bias"] = take("pos_embed.proj.bias")
@@ -404,7 +407,7 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], cfg: LatteConfig) 
     linear("y_embedder.fc2", "caption_projection.linear_2")
     out["final_layer.scale_shift_table"] = take("scale_shift_table")
     linear("final_layer.linear", "proj_out")
-    for i in range(cfg.depth):
+    for i in range(depth):
         pairs = [(f"transformer_blocks.{i}", f"spatial_blocks.{i}")]
         pairs.append((f"temporal_transformer_blocks.{i}", f"temporal_blocks.{i}"))
         for src, dst in pairs:
@@ -419,7 +422,7 @@ def convert_diffusers_state_dict(sd: dict[str, torch.Tensor], cfg: LatteConfig) 
                 linear(f"{dst}.cross_attn.proj", f"{src}.attn2.to_out.0")
     if left:
         raise ConfigError(
-            f"the diffusers Latte state dict has {len(left)} tensors VideoSys's Latte (depth {cfg.depth}) has no "
+            f"the diffusers Latte state dict has {len(left)} tensors VideoSys's Latte (depth {depth}) has no "
             f"place for, e.g. {sorted(left)[:3]}"
         )
     return out

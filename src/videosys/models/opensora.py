@@ -39,8 +39,12 @@ from videosys.models.weights import load_strict, read_state_dict_file, require_e
 
 # Published sizes (Open-Sora 1.2 registers STDiT3-XL/2 and STDiT3-3B/2) and a CPU-sized debug flavor.
 OPENSORA_FLAVORS: dict[str, dict] = {
-    "STDiT3-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=[1, 2, 2], caption_channels=4096),
-    "STDiT3-3B/2": dict(depth=28, hidden_size=1872, num_heads=26, patch_size=[1, 2, 2], caption_channels=4096),
+    "STDiT3-XL/2": dict(
+        depth=28, hidden_size=1152, num_heads=16, patch_size=[1, 2, 2], caption_channels=4096, model_max_length=300
+    ),
+    "STDiT3-3B/2": dict(
+        depth=28, hidden_size=1872, num_heads=26, patch_size=[1, 2, 2], caption_channels=4096, model_max_length=300
+    ),
     "debug": dict(depth=2, hidden_size=64, num_heads=4, patch_size=[1, 2, 2]),
 }
 _ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size", "caption_channels")
@@ -65,7 +69,7 @@ class OpenSoraConfig:
     class_dropout_prob: float = 0.1  # caption replaced by the learned-free null embedding while training
     qk_norm: bool = True  # RMSNorm on per-head queries and keys
     input_sq_size: int = 512  # sqrt(height * width) in pixels at which the position grid is unscaled
-    vae_downsample: int = 8  # pixels per latent, to derive the resolution conditioning from latents
+    vae_downsample: int | None = None  # pixels per latent (resolution conditioning); None: 8, the SD VAE
     fps: float = 24.0  # frame-rate conditioning when the data does not give one
     weights: str | None = None  # local Open-Sora / VideoSys weights (.safetensors, .pt or checkpoint)
 
@@ -78,6 +82,8 @@ class OpenSoraConfig:
         for key, value in OPENSORA_FLAVORS[cfg.flavor].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, list(value) if isinstance(value, list) else value)
+        if cfg.vae_downsample is None:
+            cfg.vae_downsample = 8
         for key in ("input_size", "in_channels", "caption_channels", "model_max_length"):
             if getattr(cfg, key) is None:
                 raise MissingGeometryError(

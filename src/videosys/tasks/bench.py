@@ -25,6 +25,7 @@ from videosys.diffusion import DiffusionConfig, GaussianDiffusion
 from videosys.distributed import ParallelConfig
 from videosys.encoders import VAEConfig
 from videosys.errors import ConfigError
+from videosys.models import model_entry
 from videosys.ops import KernelsConfig
 from videosys.precision import PrecisionConfig, autocast, make_grad_scaler
 from videosys.tasks.common import RunContext, prepare_model, resolve_model_config
@@ -115,7 +116,14 @@ def bench(
     precision: PrecisionConfig,
     parallel: ParallelConfig,
     kernels: KernelsConfig,
+    text_encoder=None,
 ) -> dict:
+    del text_encoder  # video models are timed with benchmarks/bench_video.py for now
+    if model_entry(model_cfg.name).is_video:
+        raise ConfigError(
+            f"task=bench times image models; for model={model_cfg.name} run benchmarks/bench_video.py "
+            "(one denoising step at published sizes, against diffusers)"
+        )
     if task.mode not in ("train", "forward"):
         raise ConfigError(f"task.mode={task.mode!r} is not known; use train or forward")
     for key in ("batch_size", "steps"):
@@ -125,7 +133,7 @@ def bench(
     spec = build_dataset(data_cfg)[1]
     model_cfg = resolve_model_config(model_cfg, spec, vae)
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision, task.activation_checkpointing)
-    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma, device)
+    diffusion = GaussianDiffusion(diffusion_cfg.resolved(), model.learn_sigma, device)
     shape = (task.batch_size, model.in_channels, model.input_size, model.input_size)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, model_cfg.num_classes, (task.batch_size,), device=device)
@@ -142,7 +150,8 @@ def bench(
         scaler = make_grad_scaler(precision, device)
 
         def step() -> None:
-            optimizer_step(model, diffusion, [(x, y)], optimizer, scaler, precision, optimizer_cfg.grad_clip)
+            objective = lambda m, x0, inputs: diffusion.training_loss(m, x0, **inputs)  # noqa: E731
+            optimizer_step(model, objective, [(x, {"y": y})], optimizer, scaler, precision, optimizer_cfg.grad_clip)
     else:
         model.eval()
         step = forward

@@ -14,15 +14,34 @@ import torch
 from torch import nn
 
 from videosys.data import DataSpec
-from videosys.diffusion import DiffusionConfig, SamplingConfig, make_sampler, sample_class_conditional
+from videosys.diffusion import (
+    DiffusionConfig,
+    GaussianDiffusion,
+    RectifiedFlow,
+    SamplingConfig,
+    denoise_loop,
+    guided,
+    make_sampler,
+    sample_class_conditional,
+)
 from videosys.distributed import DistContext, ParallelConfig
-from videosys.encoders import LatentCodec, VAEConfig, latent_geometry
+from videosys.encoders import (
+    LatentCodec,
+    TextConditioner,
+    TextEncoderConfig,
+    VAEConfig,
+    build_text_conditioner,
+    build_video_codec,
+    latent_geometry,
+    video_latent_geometry,
+)
 from videosys.errors import ConfigError
 from videosys.models import build_model, model_entry
 from videosys.ops import KernelsConfig
 from videosys.parallelize import parallelize
 from videosys.precision import PrecisionConfig, autocast
-from videosys.tasks.media import save_image_grid
+from videosys.tasks.conditioning import ClassConditioning, TextConditioning, model_accepts
+from videosys.tasks.media import save_image_grid, save_video_grid
 from videosys.tasks.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -40,10 +59,18 @@ class RunContext:
         return self.dist.device
 
 
-def resolve_model_config(model_cfg, spec: DataSpec | None, vae: VAEConfig):
-    """Fill the model's input geometry from the data (through the VAE for pixel data) and resolve it."""
-    if spec is not None:
+def resolve_model_config(model_cfg, spec: DataSpec | None, vae: VAEConfig, text: TextGeometry | None = None):
+    """Fill the model's input geometry from the data (through the VAE for pixel data) and, for text
+    models, its caption width and length from the text encoder; then resolve it."""
+    entry = model_entry(model_cfg.name)
+    filled: dict = {}
+    if spec is not None and not entry.is_video:
         channels, size = spec.channels, spec.image_size
+        if spec.num_frames is not None:
+            raise ConfigError(
+                f"model={model_cfg.name} is an image model but the data gives {spec.num_frames}-frame videos; "
+                "use a video model (model=latte, opensora, opensora_plan or cogvideox)"
+            )
         if spec.space == "pixel" and vae.path:
             geometry = latent_geometry(vae)
             if spec.image_size % geometry.downsample:
@@ -53,12 +80,43 @@ def resolve_model_config(model_cfg, spec: DataSpec | None, vae: VAEConfig):
                 )
             channels, size = geometry.channels, spec.image_size // geometry.downsample
         filled = {"input_size": size, "in_channels": channels, "num_classes": spec.num_classes}
-        model_cfg = dataclasses.replace(model_cfg, **{k: v for k, v in filled.items() if getattr(model_cfg, k) is None})
-    return model_cfg.resolved()
+    elif spec is not None:
+        if spec.num_frames is None:
+            raise ConfigError(
+                f"model={model_cfg.name} is a video model but data={type(spec).__name__} gives images; use "
+                "data=moving_digits or data=video_folder (or task=sample with sampling.num_frames)"
+            )
+        frames, height, width = spec.num_frames, spec.image_size, spec.width or spec.image_size
+        channels, downsample = spec.channels, 1
+        if spec.space == "pixel" and vae.path:
+            geometry = video_latent_geometry(vae)
+            downsample = geometry.spatial_downsample
+            if height % downsample or width % downsample:
+                raise ConfigError(
+                    f"video size {height}x{width} is not divisible by the VAE's downsampling factor {downsample}; "
+                    "choose data.height / data.width as multiples of it"
+                )
+            channels, frames = geometry.channels, geometry.latent_frames(frames)
+            height, width = height // downsample, width // downsample
+        filled = {"input_size": [frames, height, width], "in_channels": channels, "vae_downsample": downsample}
+    if text is not None:
+        filled.update(caption_channels=text.dim, model_max_length=text.length)
+    fields = {f.name for f in dataclasses.fields(model_cfg)}
+    updates = {k: v for k, v in filled.items() if k in fields and getattr(model_cfg, k) is None}
+    return dataclasses.replace(model_cfg, **updates).resolved()
 
 
-def make_codec(vae: VAEConfig, device: torch.device) -> LatentCodec | None:
-    return LatentCodec(vae, device) if vae.path else None
+@dataclass(frozen=True)
+class TextGeometry:
+    dim: int  # embedding width
+    length: int  # tokens per prompt
+
+
+def make_codec(vae: VAEConfig, device: torch.device, video: bool = False):
+    """The VAE as an encode/decode pair (a per-frame or video codec for video data); None in pixel space."""
+    if not vae.path:
+        return None
+    return build_video_codec(vae, device) if video else LatentCodec(vae, device)
 
 
 def prepare_model(
@@ -196,10 +254,28 @@ def write_samples(samples: dict[str, torch.Tensor], sampling: SamplingConfig, ru
 
 
 def sample_and_score(
-    model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int
+    model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int, conditioning=None
 ) -> dict:
-    """Guided samples of every requested class, written out, and scored when the dataset can."""
+    """Guided samples of every requested class (or prompt), written out, and scored when the dataset can."""
     started = time.perf_counter()
+    evaluator = getattr(dataset, "evaluator", None)
+    if isinstance(conditioning, TextConditioning):
+        prompts = resolve_prompts(sampling, dataset)
+        samples = generate_text_samples(
+            model, conditioning, prompts, sampling, diffusion_cfg, precision, ctx, codec, cache
+        )
+        fps = getattr(dataset, "fps", None) or getattr(getattr(dataset, "cfg", None), "fps", None) or 8
+        paths = write_video_samples(samples, sampling, ctx.run_dir, fps)
+        out = {f"samples_{suffix}": str(path) for suffix, path in paths.items()}
+        out["sample_seconds"] = round(time.perf_counter() - started, 2)
+        if evaluator is not None and hasattr(evaluator, "evaluate"):
+            scores = evaluator.evaluate(samples["videos"], samples["prompts"])
+            out.update({k: float(v) for k, v in scores.items()})
+            for key in ("real_digit_accuracy", "real_direction_accuracy"):
+                if hasattr(evaluator, key):
+                    out[key] = float(getattr(evaluator, key))
+            log.info("scores of generated samples: %s", ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        return out
     samples = generate_class_samples(model, sampling, diffusion_cfg, precision, ctx.device, codec, cache)
     grid, tensors = write_samples(samples, sampling, ctx.run_dir)
     ctx.tracker.log_image("samples", grid, step=step)
@@ -208,9 +284,165 @@ def sample_and_score(
         "samples_pt": str(tensors),
         "sample_seconds": round(time.perf_counter() - started, 2),
     }
-    evaluator = getattr(dataset, "evaluator", None)
     if evaluator is not None:
         out["class_accuracy"] = evaluator.accuracy(samples["images"], samples["labels"])
         out["classifier_accuracy_on_real"] = evaluator.real_accuracy
         log.info("class accuracy of generated samples: %.3f", out["class_accuracy"])
     return out
+
+
+# --- Text-to-video ----------------------------------------------------------------------------------
+
+
+def make_text_conditioner(cfg: TextEncoderConfig, spec: DataSpec | None, device: torch.device):
+    """The text encoder for a text model: T5 / CLIP from a local path, label tokens for text_encoder=none
+    on labelled data (e.g. moving_digits), or None when the data carries cached embeddings and no
+    encoder is configured."""
+    if cfg.name == "none":
+        if spec is not None and spec.text_dim:
+            return None
+        vocab = spec.label_vocab if spec is not None else ()
+        length = (spec.label_length if spec is not None else 0) or cfg.max_length
+        return build_text_conditioner(dataclasses.replace(cfg, max_length=length), device, vocab)
+    return build_text_conditioner(cfg, device)
+
+
+def text_geometry(conditioner: TextConditioner | None, spec: DataSpec | None) -> TextGeometry | None:
+    if spec is not None and spec.text_dim:
+        if conditioner is not None and conditioner.dim != spec.text_dim:
+            raise ConfigError(
+                f"the cached text embeddings are {spec.text_dim}-d but text_encoder gives {conditioner.dim}-d; "
+                "use the text encoder the cache was made with"
+            )
+        return TextGeometry(spec.text_dim, spec.text_length)
+    if conditioner is None:
+        return None
+    return TextGeometry(conditioner.dim, conditioner.max_length)
+
+
+def make_conditioning(model: nn.Module, conditioner, spec: DataSpec | None, dataset, caption_dropout: float):
+    """Class labels for class-conditional models, text for the others."""
+    if model_entry(model.config.name).conditioning == "class":
+        return ClassConditioning(model.null_label)
+    extra = {}
+    if spec is not None and spec.fps and model_accepts(model, "fps"):
+        extra["fps"] = float(spec.fps)
+    cached_null = getattr(dataset, "null_text", None)
+    if conditioner is None and hasattr(dataset, "text_conditioner"):
+        conditioner = dataset.text_conditioner()  # cached data: prompts are looked up by caption
+    return TextConditioning(model, conditioner, caption_dropout, cached_null, extra)
+
+
+def model_diffusion_defaults(model: nn.Module) -> dict:
+    """The objective a model was published with: its own `diffusion_defaults`, or one implied by
+    what it predicts."""
+    defaults = getattr(model, "diffusion_defaults", None)
+    if defaults is not None:
+        return dict(defaults)
+    objective = {"epsilon": "eps", "v_prediction": "v", "flow": "flow"}[getattr(model, "prediction_type", "epsilon")]
+    return {"objective": objective}
+
+
+def make_objective(diffusion_cfg: DiffusionConfig, model: nn.Module, device: torch.device, pixels: float):
+    """loss(model, x0, inputs) -> per-sample loss, for the (resolved) objective."""
+    if diffusion_cfg.objective == "flow":
+        flow = RectifiedFlow(
+            diffusion_cfg.num_train_timesteps,
+            diffusion_cfg.flow_t_sampling,
+            diffusion_cfg.flow_timestep_shift,
+            diffusion_cfg.flow_shift_scale,
+            diffusion_cfg.flow_base_pixels,
+        )
+        return lambda m, x, inputs: flow.training_loss(m, x, pixels=pixels, **inputs)
+    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma, device)
+    return lambda m, x, inputs: diffusion.training_loss(m, x, **inputs)
+
+
+def pixel_area(model_cfg) -> float:
+    """Height x width in pixels of the model's input (latent size times the VAE's downsampling)."""
+    size = model_cfg.input_size
+    if isinstance(size, int):
+        return float(size * size)
+    scale = getattr(model_cfg, "vae_downsample", None) or 1
+    return float(size[1] * size[2] * scale * scale)
+
+
+def resolve_prompts(sampling: SamplingConfig, dataset) -> list[str]:
+    if sampling.prompts:
+        prompts = list(sampling.prompts)
+    elif sampling.prompts_file:
+        path = Path(sampling.prompts_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"sampling.prompts_file={sampling.prompts_file} does not exist; "
+                "give a text file with one prompt per line"
+            )
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"sampling.prompts_file={sampling.prompts_file} has no prompts (one per line)")
+    elif dataset is not None and hasattr(dataset, "default_prompts"):
+        prompts = list(dataset.default_prompts())
+    else:
+        raise ConfigError("no prompts to sample: set sampling.prompts=[...] or sampling.prompts_file=<file>")
+    if sampling.num_per_prompt < 1:
+        raise ConfigError(f"sampling.num_per_prompt={sampling.num_per_prompt} must be at least 1")
+    return prompts
+
+
+@torch.no_grad()
+def generate_text_samples(
+    model: nn.Module,
+    conditioning: TextConditioning,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    diffusion: DiffusionConfig,
+    precision: PrecisionConfig,
+    ctx: RunContext,
+    codec,
+    cache=None,
+) -> dict:
+    """`num_per_prompt` clips per prompt; returns videos in [-1, 1] (decoded through the VAE), the
+    prompt of each clip, and the raw model-space samples."""
+    device = ctx.device
+    all_prompts = [p for p in prompts for _ in range(sampling.num_per_prompt)]
+    shape = (model.in_channels, *model.config.input_size)
+    clip = sampling.clip_denoised if sampling.clip_denoised is not None else codec is None
+    generator = torch.Generator(device).manual_seed(sampling.seed)
+    guided_run = sampling.cfg_scale != 1.0
+    model.eval()
+    chunks = []
+    for start in range(0, len(all_prompts), sampling.batch_size):
+        chunk = all_prompts[start : start + sampling.batch_size]
+        sampler = make_sampler(
+            sampling,
+            diffusion,
+            model.learn_sigma,
+            clip,
+            getattr(model, "default_sampler", None),
+            pixels=pixel_area(model.config),
+            frames=shape[1],
+        )
+        inputs = conditioning.prompt_inputs(chunk, device, guided_run)
+        noise = torch.randn((len(chunk), *shape), generator=generator, device=device)
+
+        def predict(x, t, inputs=inputs, sampler=sampler):
+            with autocast(precision, device):
+                if not guided_run:
+                    return model(x, t, **inputs)
+                out = model(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
+            return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
+
+        chunks.append(denoise_loop(predict, noise, sampler, generator, cache))
+    latents = torch.cat(chunks)
+    videos = codec.decode(latents) if codec is not None else latents.clamp(-1, 1)
+    return {"videos": videos.float().cpu(), "prompts": all_prompts, "latents": latents.cpu()}
+
+
+def write_video_samples(samples: dict, sampling: SamplingConfig, run_dir: Path, fps: float) -> dict[str, Path]:
+    """samples.mp4 and samples.gif (one row per prompt) and samples.pt (raw tensors and prompts)."""
+    videos = samples["videos"]
+    rows = len(videos) // sampling.num_per_prompt if sampling.num_per_prompt > 1 else max(1, round(len(videos) ** 0.5))
+    paths = save_video_grid(videos, rows, run_dir / "samples", fps)
+    tensor_path = run_dir / "samples.pt"
+    torch.save({**samples, "sampling": dataclasses.asdict(sampling)}, tensor_path)
+    return {**{suffix.lstrip("."): path for suffix, path in paths.items()}, "pt": tensor_path}

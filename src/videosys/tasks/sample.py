@@ -8,10 +8,11 @@ import logging
 from dataclasses import dataclass
 
 from videosys.cache import PABConfig, build_cache
-from videosys.data import build_dataset
+from videosys.data import DataSpec, build_dataset
+from videosys.data.digits import DigitsDataConfig
 from videosys.diffusion import DiffusionConfig, SamplingConfig
 from videosys.distributed import ParallelConfig
-from videosys.encoders import VAEConfig
+from videosys.encoders import LabelConditioner, TextEncoderConfig, VAEConfig
 from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
@@ -21,9 +22,14 @@ from videosys.tasks.common import (
     RunContext,
     load_external_weights,
     make_codec,
+    make_conditioning,
+    make_text_conditioner,
+    model_diffusion_defaults,
     prepare_model,
     resolve_model_config,
+    resolve_prompts,
     sample_and_score,
+    text_geometry,
 )
 
 log = logging.getLogger(__name__)
@@ -51,8 +57,12 @@ def sample(
     parallel: ParallelConfig,
     kernels: KernelsConfig,
     pab: PABConfig,
+    text_encoder: TextEncoderConfig | None = None,
 ) -> dict:
     cache = build_cache(pab)
+    text_encoder = text_encoder or TextEncoderConfig()
+    dataset, spec = _sample_data(data_cfg, model_entry(model_cfg.name).is_video)
+    state = None
     if task.checkpoint:
         path = ckpt_io.find_checkpoint(task.checkpoint, "task.checkpoint")
         state = ckpt_io.load_checkpoint(path)
@@ -60,34 +70,70 @@ def sample(
             raise ConfigError(f"task.checkpoint={task.checkpoint}: {path} is not a VideoSys training checkpoint")
         saved = state["model_config"]
         model_cfg = model_entry(saved["name"]).config_cls(**{**saved, "weights": None}).resolved()
-        model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
-        weights = state["ema"]["model"] if task.use_ema else state["model"]
-        model.load_state_dict(weights)
-        log.info("sampling from %s (step %d, %s weights)", path, state["step"], "EMA" if task.use_ema else "raw")
+    entry = model_entry(model_cfg.name)
+    conditioner = None
+    if entry.is_video:
+        if text_encoder.name == "none" and not (spec and spec.label_vocab):
+            # Conditioning on the words of the prompts as labels lets untrained weights run end to end.
+            prompts = resolve_prompts(sampling, dataset) if (sampling.prompts or sampling.prompts_file) else []
+            words = tuple(sorted({w for p in prompts or ["a random sample"] for w in p.lower().split()}))
+            conditioner = LabelConditioner(words, text_encoder.embedding_dim, text_encoder.seed, 8, ctx.device)
+            log.warning("text_encoder=none: conditioning on prompt words as fixed labels (no text encoder)")
+        else:
+            conditioner = make_text_conditioner(text_encoder, spec, ctx.device)
+    if state is None:
+        model_cfg = _resolve_for_sampling(
+            model_cfg, spec, vae, text_geometry(conditioner, spec) if entry.is_video else None, sampling
+        )
+    model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
+    if state is not None:
+        model.load_state_dict(state["ema"]["model"] if task.use_ema else state["model"])
+        log.info(
+            "sampling from %s (step %d, %s weights)", task.checkpoint, state["step"], "EMA" if task.use_ema else "raw"
+        )
         del state
     elif model_cfg.weights:
-        try:  # self-describing weights (a diffusers folder) carry their own geometry
-            model_cfg = model_cfg.resolved()
-        except MissingGeometryError:  # plain state dicts: take it from the data config
-            model_cfg = resolve_model_config(model_cfg, build_dataset(data_cfg)[1], vae)
-        model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
         load_external_weights(model, model_cfg)
     else:
-        raise ConfigError(
-            "task=sample needs trained weights: task.checkpoint=<checkpoint file or run dir> "
-            "or model.weights=<local weights>"
+        log.warning(
+            "task=sample without task.checkpoint or model.weights: sampling from RANDOM weights (%s/%s); the "
+            "output is noise, useful only to exercise and time the pipeline",
+            model_cfg.name,
+            model_cfg.flavor,
         )
-    codec = make_codec(vae, ctx.device)
-    dataset = None
-    if data_cfg.name == "digits" and (model_cfg.in_channels, model_cfg.input_size, model_cfg.num_classes) == (
-        1,
-        8,
-        10,
+    codec = make_codec(vae, ctx.device, video=entry.is_video)
+    diffusion_cfg = diffusion_cfg.resolved(model_diffusion_defaults(model))
+    conditioning = make_conditioning(model, conditioner, spec, dataset, 0.0) if entry.is_video else None
+    if not entry.is_video and not (
+        isinstance(data_cfg, DigitsDataConfig)
+        and (model_cfg.in_channels, model_cfg.input_size, model_cfg.num_classes) == (1, 8, 10)
     ):
-        dataset = build_dataset(data_cfg)[0]  # lets the digit classifier score the samples
+        dataset = None  # the digit classifier scores only digit-shaped samples
     metrics = {"model_config": dataclasses.asdict(model_cfg)}
     if ctx.dist.is_main:
-        metrics.update(sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, 0))
+        metrics.update(
+            sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, 0, conditioning)
+        )
         (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         ctx.tracker.finish(metrics)
     return metrics
+
+
+def _sample_data(data_cfg, is_video: bool):
+    """The dataset and its spec when they describe what the model generates (for geometry and scoring)."""
+    dataset, spec = build_dataset(data_cfg)
+    if is_video != (spec.num_frames is not None):
+        return None, None
+    return dataset, spec
+
+
+def _resolve_for_sampling(model_cfg, spec, vae: VAEConfig, text, sampling: SamplingConfig):
+    try:  # self-describing weights (a diffusers folder) or explicit geometry
+        return resolve_model_config(model_cfg, None, vae, text)
+    except MissingGeometryError:  # take it from the data config
+        if spec is None and model_entry(model_cfg.name).is_video:
+            # No video data configured: generate RGB clips of the size sampling asks for.
+            spec = DataSpec(3, sampling.height, 0, "pixel", num_frames=sampling.num_frames, width=sampling.width)
+        if spec is None:
+            raise
+        return resolve_model_config(model_cfg, spec, vae, text)

@@ -16,10 +16,11 @@ from tqdm import tqdm
 
 from videosys.cache import PABConfig, build_cache
 from videosys.data import build_dataset, build_loader
-from videosys.diffusion import DiffusionConfig, GaussianDiffusion, SamplingConfig
+from videosys.diffusion import DiffusionConfig, SamplingConfig
 from videosys.distributed import ParallelConfig
-from videosys.encoders import LatentCodec, VAEConfig
+from videosys.encoders import TextEncoderConfig, VAEConfig
 from videosys.errors import ConfigError
+from videosys.models import model_entry
 from videosys.ops import KernelsConfig
 from videosys.precision import PrecisionConfig, autocast, make_grad_scaler
 from videosys.tasks import checkpoint as ckpt_io
@@ -28,9 +29,15 @@ from videosys.tasks.common import (
     RunContext,
     load_external_weights,
     make_codec,
+    make_conditioning,
+    make_objective,
+    make_text_conditioner,
+    model_diffusion_defaults,
+    pixel_area,
     prepare_model,
     resolve_model_config,
     sample_and_score,
+    text_geometry,
 )
 from videosys.tasks.media import save_loss_curve
 from videosys.tasks.tracking import read_metrics, truncate_metrics
@@ -62,6 +69,10 @@ class TrainTaskConfig:
     ckpt_every: int = 500
     keep_last: int = 2  # checkpoints kept in run_dir/checkpoints (0 keeps all)
     sample_at_end: bool = True  # sample a grid with the EMA weights (and score it where data allows)
+    # Text models: fraction of captions replaced by the empty prompt, so that the model also learns
+    # the unconditional prediction for guidance (models with their own null caption, like
+    # Open-Sora, drop inside the model with model.class_dropout_prob instead).
+    caption_dropout: float = 0.1
 
 
 def validate_train_config(task: TrainTaskConfig, world_size: int) -> int:
@@ -95,8 +106,8 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device)
 
 def optimizer_step(
     model: nn.Module,
-    diffusion: GaussianDiffusion,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    objective,
+    micro_batches: list[tuple[torch.Tensor, dict]],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     precision: PrecisionConfig,
@@ -107,9 +118,9 @@ def optimizer_step(
     device = micro_batches[0][0].device
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    for x, y in micro_batches:
+    for x, inputs in micro_batches:
         with autocast(precision, device):
-            loss = diffusion.training_loss(model, x, y=y).mean()
+            loss = objective(model, x, inputs).mean()
         scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
@@ -169,17 +180,19 @@ class _Progress:
 
 
 class _BatchStream:
-    """Pulls batches, dropping unreadable items with a warning and counting them."""
+    """Pulls batches, dropping unreadable items with a warning and counting them; returns the
+    (VAE-encoded) inputs and the model's conditioning inputs."""
 
     max_warnings = 20
 
-    def __init__(self, loader, device: torch.device, codec: LatentCodec | None):
+    def __init__(self, loader, device: torch.device, codec, conditioning):
         self.iterator = iter(loader)
         self.device = device
         self.codec = codec
+        self.conditioning = conditioning
         self.skipped = 0
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next(self) -> tuple[torch.Tensor, dict]:
         while True:
             batch = next(self.iterator)
             for bad in batch.bad:
@@ -190,8 +203,8 @@ class _BatchStream:
                     log.warning("more unreadable samples; counting them without further warnings")
             if batch.x is not None:
                 x = batch.x.to(self.device, non_blocking=True)
-                y = batch.y.to(self.device, non_blocking=True)
-                return (self.codec.encode(x) if self.codec is not None else x), y
+                inputs = self.conditioning.training_inputs(batch, self.device)
+                return (self.codec.encode(x) if self.codec is not None else x), inputs
 
 
 def train(
@@ -210,17 +223,22 @@ def train(
     pab: PABConfig,
     resume: str | None,
     run_config: dict,
+    text_encoder: TextEncoderConfig | None = None,
 ) -> dict:
     device, run_dir = ctx.device, ctx.run_dir
     micro_batch = validate_train_config(task, ctx.dist.world_size)
+    if not 0.0 <= task.caption_dropout < 1.0:
+        raise ConfigError(f"task.caption_dropout={task.caption_dropout} must be in [0, 1)")
     cache = build_cache(pab)
     dataset, spec = build_dataset(data_cfg)
-    model_cfg = resolve_model_config(model_cfg, spec, vae)
+    is_video = model_entry(model_cfg.name).is_video
+    conditioner = make_text_conditioner(text_encoder or TextEncoderConfig(), spec, device) if is_video else None
+    model_cfg = resolve_model_config(model_cfg, spec, vae, text_geometry(conditioner, spec) if is_video else None)
     resume_from = ckpt_io.resolve_resume(resume, run_dir)
     state = ckpt_io.load_checkpoint(resume_from) if resume_from else None
     if state is not None:
         _check_same_model(state, model_cfg, resume_from)
-    codec = make_codec(vae, device) if spec.space == "pixel" else None
+    codec = make_codec(vae, device, video=spec.num_frames is not None) if spec.space == "pixel" else None
 
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision, task.activation_checkpointing)
     if state is None:
@@ -228,7 +246,9 @@ def train(
     optimizer = make_optimizer(model, optimizer_cfg, device)
     scaler = make_grad_scaler(precision, device)
     ema = EMA(model, task.ema_decay, task.ema_warmup)
-    diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma, device)
+    diffusion_cfg = diffusion_cfg.resolved(model_diffusion_defaults(model))
+    objective = make_objective(diffusion_cfg, model, device, pixel_area(model_cfg))
+    conditioning = make_conditioning(model, conditioner, spec, dataset, task.caption_dropout)
     step = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -244,7 +264,8 @@ def train(
     loader = build_loader(
         dataset, micro_batch, ctx.seed, step * task.batch_size, data_cfg.num_workers, device.type == "cuda"
     )
-    stream = _BatchStream(loader, device, codec)
+    stream = _BatchStream(loader, device, codec, conditioning)
+    log.info("objective %s, diffusion %s", diffusion_cfg.objective, diffusion_cfg)
     log.info(
         "training %d steps: batch %d (%d x %d micro-batches), %d samples in %s, precision %s",
         task.steps,
@@ -284,7 +305,7 @@ def train(
             group["lr"] = lr
         micro_batches = [stream.next() for _ in range(task.grad_accum)]
         loss, grad_norm = optimizer_step(
-            model, diffusion, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip
+            model, objective, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip
         )
         ema.update(model)
         step += 1
@@ -319,7 +340,9 @@ def train(
     metrics["checkpoint"] = str(ckpt_io.list_checkpoints(ckpt_io.checkpoint_dir(run_dir))[-1])
     if task.sample_at_end:
         metrics.update(
-            sample_and_score(ema.model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step)
+            sample_and_score(
+                ema.model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step, conditioning
+            )
         )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     ctx.tracker.finish(metrics)
