@@ -81,15 +81,14 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def tiny_vae(tmp_path: Path) -> Path:
-    """A random diffusers AutoencoderKL with 2x spatial downsampling and 4 latent channels."""
+def save_tiny_vae(path: Path, channels: int = 3) -> Path:
+    """A random diffusers AutoencoderKL (2x spatial downsampling, 4 latent channels) saved at `path`."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         block_out_channels=(8, 16),
@@ -98,6 +97,10 @@ def tiny_vae(tmp_path: Path) -> Path:
         norm_num_groups=4,
         sample_size=16,
     )
-    path = tmp_path / "vae"
     vae.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_vae(tmp_path: Path) -> Path:
+    return save_tiny_vae(tmp_path / "vae")

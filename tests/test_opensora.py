@@ -99,11 +99,10 @@ def test_position_grid_scales_with_resolution_and_aspect_ratio():
     scale, base = math.sqrt(height * width) / 512, round(math.sqrt(grid_h * grid_w))
     quarter = 64 // 4
     freqs = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    for index, (row, col) in enumerate([(0, 0), (1, 2), (3, 5)]):
+    for row, col in [(0, 0), (1, 2), (3, 5)]:
         r, c = row / scale * base / grid_h, col / scale * base / grid_w
         expected = torch.cat([torch.sin(c * freqs), torch.cos(c * freqs), torch.sin(r * freqs), torch.cos(r * freqs)])
         torch.testing.assert_close(table[row * grid_w + col].double(), expected, rtol=1e-5, atol=1e-5)
-        del index
     # A different resolution changes the table, so the model is conditioned on it.
     assert not torch.allclose(table, model.position_embedding(grid_h, grid_w, 480.0, 852.0))
 

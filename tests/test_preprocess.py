@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_inprocess
+from conftest import run_inprocess, save_tiny_vae
 from videosys.data import BadSample, CachedDataConfig, CachedDataset, build_dataset
 from videosys.data.cached import CACHE_VERSION, read_meta
 from videosys.data.moving_digits import MovingDigitsDataConfig, MovingDigitsDataset, vocab
@@ -40,24 +40,8 @@ def moving() -> MovingDigitsDataset:
 
 @pytest.fixture
 def grey_vae(tmp_path: Path) -> Path:
-    """A random diffusers AutoencoderKL for one-channel frames: 2x spatial downsampling, 4 latent channels."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=1,
-        out_channels=1,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    path = tmp_path / "grey_vae"
-    vae.save_pretrained(path)
-    return path
+    """A random AutoencoderKL for one-channel frames."""
+    return save_tiny_vae(tmp_path / "grey_vae", channels=1)
 
 
 def test_pixel_cache_holds_the_clips_and_label_embeddings(pixel_cache, moving):

@@ -257,7 +257,12 @@ class CrossAttention(AttentionModule):
         q = self.q_linear(x).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
         kv = self.kv_linear(context).view(batch, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        mask = None if context_mask is None else context_mask[:, None, None, :].to(torch.bool)
+        mask = None
+        if context_mask is not None:
+            mask = context_mask.to(torch.bool)
+            # A caption with no real token attends to all of them (what an additive -10000 bias does in
+            # the reference implementations) instead of producing NaN.
+            mask = (mask | ~mask.any(dim=1, keepdim=True))[:, None, None, :]
         out = self.attention_fn(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(shape))
 
@@ -304,6 +309,19 @@ class AdaLNFinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+@torch.no_grad()
+def xavier_init(model: nn.Module, patch_proj: nn.Module) -> None:
+    """The DiT-family base initialisation: Xavier-uniform weights and zero biases for every Linear, and
+    for the patch projection on its flattened kernel (as if it were a Linear over patch pixels)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.xavier_uniform_(patch_proj.weight.view(patch_proj.weight.shape[0], -1))
+    nn.init.zeros_(patch_proj.bias)
 
 
 class PatchEmbed3D(nn.Module):

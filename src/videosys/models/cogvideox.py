@@ -59,6 +59,7 @@ from videosys.models.blocks import (
     sincos_1d,
     sincos_2d,
     unpatchify_video,
+    xavier_init,
 )
 from videosys.models.weights import (
     diffusers_config,
@@ -388,16 +389,10 @@ class CogVideoX(nn.Module):
     def init_weights(self) -> None:
         """Xavier linears, N(0, 0.02) timestep MLP, zeroed modulations and output ("adaLN-Zero": every
         block starts as the identity), fixed position tables. Called after `to_empty` for meta builds."""
+        xavier_init(self, self.x_embedder.proj)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
+            if isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:

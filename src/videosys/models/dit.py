@@ -29,6 +29,7 @@ from videosys.models.blocks import (
     TimestepEmbedder,
     modulate,
     sincos_2d,
+    xavier_init,
 )
 from videosys.models.weights import (
     diffusers_config,
@@ -155,15 +156,8 @@ class DiT(nn.Module):
 
         Called after `to_empty` when the model was built on the meta device.
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        xavier_init(self, self.x_embedder.proj)
         self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[-1], self.grid, self.grid).float().unsqueeze(0))
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)

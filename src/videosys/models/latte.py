@@ -47,6 +47,7 @@ from videosys.models.blocks import (
     sincos_1d,
     sincos_2d,
     unpatchify_video,
+    xavier_init,
 )
 from videosys.models.weights import (
     diffusers_config,
@@ -222,14 +223,7 @@ class Latte(nn.Module):
         """PixArt-alpha initialisation (Latte T2V starts from PixArt): Xavier linears, N(0, 0.02) timestep
         and caption embedders, zeroed cross-attention outputs and output layer, N(0, 1/C) modulation
         tables, and the fixed sin/cos tables. Called after `to_empty` when built on the meta device."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
+        xavier_init(self, self.x_embedder.proj)
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
             nn.init.normal_(linear.weight, std=0.02)
         # The caption projection keeps its Xavier init: PixArt's fixed N(0, 0.02) is sized for 4096-d

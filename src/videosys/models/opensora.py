@@ -34,6 +34,7 @@ from videosys.models.blocks import (
     TimestepEmbedder,
     sincos_2d,
     unpatchify_video,
+    xavier_init,
 )
 from videosys.models.weights import load_strict, read_state_dict_file, require_exists
 
@@ -183,19 +184,13 @@ class OpenSora(nn.Module):
     def init_weights(self) -> None:
         """Open-Sora 1.2's initialisation (Xavier linears; the fps embedding and the temporal blocks'
         residual branches start at zero, so a fresh model is a per-frame image model)."""
+        xavier_init(self, self.x_embedder.proj)
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            if isinstance(module, nn.LayerNorm) and module.weight is not None:
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        proj = self.x_embedder.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
         dim = self.config.hidden_size
         for block in [*self.spatial_blocks, *self.temporal_blocks]:
             block.scale_shift_table.copy_(torch.randn(6, dim) / dim**0.5)

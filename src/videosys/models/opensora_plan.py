@@ -68,6 +68,7 @@ from videosys.models.blocks import (
     TimestepEmbedder,
     rotary_tables,
     unpatchify_video,
+    xavier_init,
 )
 from videosys.models.weights import diffusers_config, load_strict, read_state_dict_file, require_exists
 
@@ -245,14 +246,7 @@ class OpenSoraPlan(nn.Module):
 
         Sets every tensor, so it also materialises a model built on the meta device after `to_empty`.
         """
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        proj = self.pos_embed.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
+        xavier_init(self, self.pos_embed.proj)
         for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1]):
             nn.init.normal_(linear.weight, std=0.02)
         nn.init.normal_(self.caption_projection.fc1.weight, std=0.02)
