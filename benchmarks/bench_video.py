@@ -1,9 +1,12 @@
 """One denoising step of the video transformers at published sizes, ours against diffusers.
 
 Random weights in bf16, batch 1 with classifier-free guidance (so a batch of 2), random latents
-and text embeddings of the published token counts. For each case: mean step latency over
-`--iters` timed steps after `--warmup`, achieved TFLOP/s (FLOPs counted once with torch's
-FLOP counter on our model; the peer does the same math) and peak allocated memory.
+and text embeddings of the published token counts. Against diffusers both models hold the same
+weights (the peer's, converted by our adapter), so they do identical math on identical values
+(GPU power, and so clocks, depend on the values) and the bench reports how far their bf16
+outputs differ. Timing alternates ours and the peer for `--rounds` rounds of `--iters` steps
+after `--warmup`, and reports the median round: mean step latency, achieved TFLOP/s (FLOPs
+counted once with torch's FLOP counter on our model) and peak allocated memory.
 
     python benchmarks/bench_video.py --out bench_video.json
 """
@@ -12,13 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from videosys.models.cogvideox import CogVideoX, CogVideoXConfig
+from videosys.models.cogvideox import convert_diffusers_state_dict as convert_cogvideox
 from videosys.models.latte import Latte, LatteConfig
+from videosys.models.latte import convert_diffusers_state_dict as convert_latte
 from videosys.models.opensora import OpenSora, OpenSoraConfig
 
 DTYPE = torch.bfloat16
@@ -45,6 +51,24 @@ def timed(fn, warmup: int, iters: int) -> tuple[float, float]:
             fn()
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / iters * 1e3, torch.cuda.max_memory_allocated() / 2**30
+
+
+def shared_weights(peer, model, convert, cfg, device) -> None:
+    """Give the diffusers peer sane random weights (matrices N(0, 0.02), norm gains 1, biases and
+    tables N(0, 0.02)) and load exactly those into our model through the adapter."""
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0, 0.02)
+    peer.to(DTYPE).eval()
+    state = {k: v for k, v in peer.state_dict().items()}
+    model.load_state_dict(convert(state, cfg), strict=True)
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def flops(fn) -> float:
@@ -88,7 +112,7 @@ def run_latte(device, args, results):
     x = torch.randn(BATCH, 4, 16, 64, 64, device=device, dtype=DTYPE)
     t = torch.full((BATCH,), 500.0, device=device)
     text = torch.randn(BATCH, 120, 4096, device=device, dtype=DTYPE)
-    with torch.device("meta"):
+    with torch.device(device):  # not meta: the peer computes its position buffers at init
         peer = LatteTransformer3DModel(
             num_attention_heads=16,
             attention_head_dim=72,
@@ -107,16 +131,13 @@ def run_latte(device, args, results):
             caption_channels=4096,
             video_length=16,
         )
-    peer = peer.to_empty(device=device).to(DTYPE).eval()
-    with torch.no_grad():
-        for p in peer.parameters():
-            p.normal_(0, 0.02)
+    shared_weights(peer, model, convert_latte, cfg, device)
 
     def ours():
-        model(x, t, text, None)
+        return model(x, t, text, None)
 
     def theirs():
-        peer(x, encoder_hidden_states=text, timestep=t, return_dict=False)
+        return peer(x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
 
     record(results, "latte XL/2", "16x512x512", ours, theirs, args)
 
@@ -130,7 +151,7 @@ def run_cogvideox(device, args, results):
     x = torch.randn(BATCH, 16, 13, 60, 90, device=device, dtype=DTYPE)
     t = torch.full((BATCH,), 500, device=device, dtype=torch.long)
     text = torch.randn(BATCH, 226, 4096, device=device, dtype=DTYPE)
-    with torch.device("meta"):
+    with torch.device(device):  # not meta: the peer computes its position buffers at init
         peer = CogVideoXTransformer3DModel(
             num_attention_heads=48,
             attention_head_dim=64,
@@ -148,10 +169,7 @@ def run_cogvideox(device, args, results):
             use_rotary_positional_embeddings=True,
             use_learned_positional_embeddings=False,
         )
-    peer = peer.to_empty(device=device).to(DTYPE).eval()
-    with torch.no_grad():
-        for p in peer.parameters():
-            p.normal_(0, 0.02)
+    shared_weights(peer, model, convert_cogvideox, cfg, device)
     # The pipeline's rotary tables for a 60x90 latent (30x45 patches) and 13 latent frames.
     cos, sin = get_3d_rotary_pos_embed(
         embed_dim=64,
@@ -163,10 +181,11 @@ def run_cogvideox(device, args, results):
     x_peer = x.transpose(1, 2).contiguous()
 
     def ours():
-        model(x, t, text, None)
+        return model(x, t, text, None)
 
-    def theirs():
-        peer(x_peer, encoder_hidden_states=text, timestep=t, image_rotary_emb=(cos, sin), return_dict=False)
+    def theirs():  # diffusers returns (B, T, C, H, W)
+        out = peer(x_peer, encoder_hidden_states=text, timestep=t, image_rotary_emb=(cos, sin), return_dict=False)
+        return out[0].transpose(1, 2)
 
     record(results, "cogvideox 5B", "49x480x720", ours, theirs, args)
 
@@ -174,12 +193,20 @@ def run_cogvideox(device, args, results):
 def record(results, name, label, ours, theirs, args):
     step_flops = flops(ours)
     row = {"model": name, "config": label, "batch": BATCH, "tflop_per_step": step_flops / 1e12}
-    row["ours_ms"], row["ours_peak_gib"] = timed(ours, args.warmup, args.iters)
-    row["ours_tflops"] = step_flops / (row["ours_ms"] / 1e3) / 1e12
+    contenders = {"ours": ours} if theirs is None else {"ours": ours, "diffusers": theirs}
+    rounds = {name: [] for name in contenders}
+    for _ in range(args.rounds):  # alternate, so that clock drift hits both alike
+        for name, fn in contenders.items():
+            rounds[name].append(timed(fn, args.warmup, args.iters))
+    for name, measured in rounds.items():
+        row[f"{name}_ms_rounds"] = [ms for ms, _ in measured]
+        row[f"{name}_ms"] = statistics.median(row[f"{name}_ms_rounds"])
+        row[f"{name}_peak_gib"] = max(gib for _, gib in measured)
+        row[f"{name}_tflops"] = step_flops / (row[f"{name}_ms"] / 1e3) / 1e12
     if theirs is not None:
-        row["diffusers_ms"], row["diffusers_peak_gib"] = timed(theirs, args.warmup, args.iters)
-        row["diffusers_tflops"] = step_flops / (row["diffusers_ms"] / 1e3) / 1e12
         row["speedup"] = row["diffusers_ms"] / row["ours_ms"]
+        with torch.no_grad():
+            row["bf16_relative_error"] = relative_error(ours(), theirs())
     results.append(row)
     print(json.dumps(row), flush=True)
 
@@ -188,6 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="opensora,latte,cogvideox")
     parser.add_argument("--out", default="bench_video.json")
     args = parser.parse_args()
