@@ -13,7 +13,7 @@ from omegaconf.errors import ValidationError
 from conftest import compose_config
 from videosys.cache import PABConfig
 from videosys.data import DATA_CONFIGS, DigitsDataConfig
-from videosys.distributed import ParallelConfig
+from videosys.distributed import ParallelConfig, resolve_dims
 from videosys.encoders import TextEncoderConfig
 from videosys.errors import ConfigError
 from videosys.models import MODELS
@@ -25,7 +25,26 @@ from videosys.tasks.preprocess import PreprocessTaskConfig
 
 EXPECTED_TYPES = {
     "model": {name: entry.config_cls for name, entry in MODELS.items()},
-    "parallel": {"none": ParallelConfig},
+    "parallel": {
+        name: ParallelConfig
+        for name in (
+            "none",
+            "ddp",
+            "zero2",
+            "zero3",
+            "dsp2",
+            "dsp4",
+            "dsp8",
+            "ulysses2",
+            "ulysses4",
+            "ulysses8",
+            "ring2",
+            "ring4",
+            "usp2x2",
+            "cfg2",
+            "cfg2_dsp4",
+        )
+    },
     "kernels": {"none": KernelsConfig},
     "pab": {"off": PABConfig},
     "data": dict(DATA_CONFIGS),
@@ -72,7 +91,7 @@ def test_default_composition_is_the_digits_job():
     assert isinstance(run_cfg.task, TrainTaskConfig)
     assert isinstance(run_cfg.data, DigitsDataConfig)
     assert run_cfg.model.flavor == "debug" and run_cfg.precision.dtype == "fp32"
-    assert run_cfg.parallel.degrees() == {"dp_replicate": 1, "dp_shard": 1, "cfg": 1, "sp_ulysses": 1, "sp_ring": 1}
+    assert resolve_dims(run_cfg.parallel, 1).shape == (1, 1, 1, 1, 1)
     assert run_cfg.vae.path is None
 
 

@@ -47,6 +47,7 @@ from videosys.tasks import (
     sample,
     train,
 )
+from videosys.tasks.dry_run import dry_run, resolve_for_plan
 
 log = logging.getLogger("videosys")
 
@@ -73,6 +74,9 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = MISSING  # where outputs go (Hydra's run directory)
     resume: str | None = None  # None | auto | <checkpoint file or run dir>
+    # Print the parallel plan for `world_size` ranks (one CPU process, fake backend) instead of running.
+    dry_run: bool = False
+    world_size: int | None = None
 
 
 # Schemas of the options of the untyped groups; `configs/<group>/<option>.yaml` extends one.
@@ -153,7 +157,15 @@ def seed_everything(seed: int) -> None:
 
 def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
     """Build the process layout and run the selected task."""
+    if cfg.dry_run:
+        return plan_only(cfg)
     dist = init_distributed(cfg.parallel, cfg.device)
+    if dist.world_size > 1:
+        raise ConfigError(
+            f"parallel={cfg.parallel.name} on {dist.world_size} processes: the parallel runtime "
+            "(videosys.distributed, videosys.parallelize) is built and tested, but the train, sample and bench "
+            "tasks do not run on several processes yet; run one process with parallel=none"
+        )
     seed_everything(cfg.seed)  # the same on every rank: replicas must start from identical weights
     tracker = build_tracker(cfg.logger, run_dir, resolved, dist.is_main)
     ctx = RunContext(dist=dist, run_dir=run_dir, seed=cfg.seed, tracker=tracker)
@@ -189,6 +201,19 @@ def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
     )
 
 
+def plan_only(cfg: RunConfig) -> dict:
+    """dry_run=true: resolve the model as the task would, then print the plan for `world_size` ranks."""
+    if cfg.world_size is None or cfg.world_size < 1:
+        raise ConfigError(
+            f"dry_run=true needs world_size=<number of ranks to plan for>, got world_size={cfg.world_size}"
+        )
+    model_cfg = resolve_for_plan(cfg.model, cfg.data, cfg.vae, cfg.text_encoder, cfg.sampling)
+    batch = (
+        2 if isinstance(cfg.task, SampleTaskConfig) else cfg.task.batch_size if hasattr(cfg.task, "batch_size") else 2
+    )
+    return dry_run(cfg.parallel, cfg.world_size, model_cfg, cfg.precision, cfg.task.name, batch)
+
+
 def report(task: str, run_dir: Path, metrics: dict) -> None:
     lines = [f"\nvideosys {task} finished. Outputs in {run_dir}:"]
     names = ("samples.png", "samples.mp4", "samples.gif", "samples.pt", "loss.png", "metrics.json", "bench.json")
@@ -219,7 +244,8 @@ def main(cfg: DictConfig) -> dict | None:
         log.error("%s", err)
         print(f"videosys: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    report(run_cfg.task.name, run_dir, metrics)
+    if not run_cfg.dry_run:
+        report(run_cfg.task.name, run_dir, metrics)
     return metrics
 
 

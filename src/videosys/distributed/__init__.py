@@ -1,38 +1,52 @@
 """Process groups and device placement.
 
-`ParallelConfig` holds the degrees of every way of splitting work; `init_distributed` turns it into
-a `DistContext` for this process. Only the single-process layout runs today; the degrees are
-validated against the world size so that a wrong layout fails before any work.
+`ParallelConfig` holds the degrees of every way of splitting work; `init_distributed` validates
+them against the world size, starts the process group (nccl on GPUs, gloo on CPUs, or the fake
+backend for a dry run) and builds one named DeviceMesh (rank order in `videosys.distributed.mesh`).
+The returned `DistContext` is owned by the run and hands out the groups the strategies need.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from videosys.distributed.collectives import CommCounter, CommGroup
+from videosys.distributed.mesh import (
+    MESH_DIMS,
+    SP_MODES,
+    ParallelConfig,
+    ParallelDims,
+    resolve_dims,
+    validate_for_model,
+)
 from videosys.errors import ConfigError
 
+__all__ = [
+    "MESH_DIMS",
+    "SP_MODES",
+    "CommCounter",
+    "CommGroup",
+    "DistContext",
+    "ParallelConfig",
+    "ParallelDims",
+    "init_distributed",
+    "resolve_device",
+    "resolve_dims",
+    "shutdown_distributed",
+    "validate_for_model",
+]
 
-@dataclass
-class ParallelConfig:
-    name: str = "none"
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cfg: int = 1
-    sp_ulysses: int = 1
-    sp_ring: int = 1
-    sp_mode: str = "none"
-
-    def degrees(self) -> dict[str, int]:
-        return {
-            "dp_replicate": self.dp_replicate,
-            "dp_shard": self.dp_shard,
-            "cfg": self.cfg,
-            "sp_ulysses": self.sp_ulysses,
-            "sp_ring": self.sp_ring,
-        }
+# Flattened groups the strategies ask for, by name: the mesh dimensions each one spans.
+GROUPS = {
+    "sp": ("sp_ring", "sp_ulysses"),
+    "dp": ("dp_replicate", "dp_shard"),
+    "fsdp": ("dp_shard", "sp_ring", "sp_ulysses"),  # training: parameters shard over dp_shard and sp ranks
+}
 
 
 @dataclass
@@ -43,46 +57,82 @@ class DistContext:
     local_rank: int
     world_size: int
     device: torch.device
+    dims: ParallelDims = field(default_factory=ParallelDims)
+    mesh: DeviceMesh | None = None
+    counter: CommCounter | None = None
+    _comms: dict = field(default_factory=dict, repr=False)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def submesh(self, name: str) -> DeviceMesh:
+        """The mesh over one dimension of `MESH_DIMS` or a flattened group of `GROUPS`."""
+        if self.mesh is None:
+            raise RuntimeError("a single-process run has no device mesh")
+        if name in MESH_DIMS:
+            return self.mesh[name]
+        return self.mesh[GROUPS[name]]._flatten(name)
 
-def resolve_device(requested: str) -> torch.device:
-    """`auto` picks CUDA when present; an explicit device that is not available is an error."""
+    def comm(self, name: str) -> CommGroup:
+        """This rank's group along a mesh dimension or a flattened group (size 1 without a mesh)."""
+        if name not in self._comms:
+            if self.mesh is None:
+                self._comms[name] = CommGroup(None, 1, 0, self.counter)
+            else:
+                self._comms[name] = CommGroup.of(self.submesh(name).get_group(), self.counter)
+        return self._comms[name]
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks this process's CUDA GPU when present; an unavailable explicit device is an error."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={requested!r} was requested but no CUDA GPU is visible; use device=cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={requested!r} was requested but no CUDA GPU is visible; use device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
 
 
-def validate_parallel(cfg: ParallelConfig, world_size: int) -> None:
-    degrees = cfg.degrees()
-    for key, value in degrees.items():
-        if value < 1:
-            raise ConfigError(f"parallel.{key}={value} must be >= 1")
-    product = 1
-    for value in degrees.values():
-        product *= value
-    if product != world_size:
-        factors = " x ".join(f"{k}={v}" for k, v in degrees.items())
-        raise ConfigError(
-            f"parallel degrees multiply to {product} ({factors}) but the world size is {world_size}; "
-            f"choose degrees whose product is {world_size}, e.g. parallel=none for one process"
-        )
-    if world_size > 1:
-        raise ConfigError(
-            f"world size {world_size}: multi-process parallel layouts are not available yet; "
-            "run a single process with parallel=none"
-        )
+def init_distributed(cfg: ParallelConfig, device: str = "auto", fake_world_size: int | None = None) -> DistContext:
+    """Validate the degrees against the world size, then start the process group and build the mesh.
+
+    The world comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
+    `fake_world_size` instead pretends to be rank 0 of that many processes on the fake backend, so a
+    dry run builds the real mesh and groups in one CPU process.
+    """
+    if fake_world_size is not None:
+        world_size, rank, local_rank = fake_world_size, 0, 0
+    else:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dims = resolve_dims(cfg, world_size)
+    torch_device = torch.device("cpu") if fake_world_size is not None else resolve_device(device, local_rank)
+    context = DistContext(rank, local_rank, world_size, torch_device, dims)
+    if world_size == 1:
+        return context
+    if not dist.is_initialized():
+        if fake_world_size is not None:
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+
+            dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+        else:
+            if torch_device.type == "cuda":
+                torch.cuda.set_device(torch_device)
+            backend = "nccl" if torch_device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=_device_id(torch_device))
+    context.mesh = init_device_mesh(torch_device.type, dims.shape, mesh_dim_names=MESH_DIMS)
+    return context
 
 
-def init_distributed(cfg: ParallelConfig, device: str = "auto") -> DistContext:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_parallel(cfg, world_size)
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return DistContext(rank=rank, local_rank=local_rank, world_size=world_size, device=resolve_device(device))
+def _device_id(device: torch.device) -> torch.device | None:
+    return device if device.type == "cuda" else None
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

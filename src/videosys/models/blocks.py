@@ -12,6 +12,7 @@ parallelism and caches) attach.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -197,6 +198,8 @@ class AttentionModule(nn.Module):
         super().__init__()
         # (B, H, Nq, D), (B, H, Nk, D) x2, optional bool mask -> (B, H, Nq, D). SDPA until parallelized.
         self.attention_fn = sdpa_attention
+        # The sequence-parallel plan `attend` hands video self-attention to (None: one process).
+        self.sp = None
 
 
 class Attention(AttentionModule):
@@ -221,7 +224,14 @@ class Attention(AttentionModule):
         self.k_norm = qk_norm_layer(qk_norm, self.head_dim, qk_norm_eps)
         self.proj = nn.Linear(dim, dim, bias=out_bias)
 
-    def forward(self, x: torch.Tensor, rope: Rotary | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rotary | None = None,
+        mask: torch.Tensor | None = None,
+        attention_fn: Callable[..., torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, C). `attention_fn` replaces this module's own for one call (sequence parallelism)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         # unbind, not qkv[i]: its backward is one stack instead of three zero-filled full-size gradients.
@@ -232,7 +242,7 @@ class Attention(AttentionModule):
         v = v.transpose(1, 2)
         if rope is not None:
             q, k = rope(q), rope(k)
-        out = self.attention_fn(q, k, v, mask)
+        out = (attention_fn or self.attention_fn)(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
 
@@ -272,16 +282,43 @@ ATTENTION_LAYOUTS = ("spatial", "temporal", "full")
 
 def attend(attn: Attention, x: torch.Tensor, layout: str, rope: Rotary | None = None) -> torch.Tensor:
     """Self-attention over a (B, T, S, C) video along one axis: "spatial" attends within each frame,
-    "temporal" across frames at each spatial position, "full" over all T*S tokens at once."""
+    "temporal" across frames at each spatial position, "full" over all T*S tokens at once. Under
+    sequence parallelism the module's plan (`attn.sp`) decides how (videosys.parallelize.sequence)."""
+    if attn.sp is not None:
+        return attn.sp.attend(attn, x, layout, rope)
+    return attend_locally(attn, x, layout, rope)
+
+
+def attend_locally(
+    attn: Attention,
+    x: torch.Tensor,
+    layout: str,
+    rope: Rotary | None = None,
+    attention_fn: Callable[..., torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """`attend` on the tokens at hand; `attention_fn` overrides the module's for this call."""
     batch, frames, spatial, dim = x.shape
     if layout == "spatial":
-        return attn(x.reshape(batch * frames, spatial, dim), rope).view(batch, frames, spatial, dim)
+        out = attn(x.reshape(batch * frames, spatial, dim), rope, attention_fn=attention_fn)
+        return out.view(batch, frames, spatial, dim)
     if layout == "temporal":
         seq = x.transpose(1, 2).reshape(batch * spatial, frames, dim)
-        return attn(seq, rope).view(batch, spatial, frames, dim).transpose(1, 2)
+        return attn(seq, rope, attention_fn=attention_fn).view(batch, spatial, frames, dim).transpose(1, 2)
     if layout == "full":
-        return attn(x.reshape(batch, frames * spatial, dim), rope).view(batch, frames, spatial, dim)
+        out = attn(x.reshape(batch, frames * spatial, dim), rope, attention_fn=attention_fn)
+        return out.view(batch, frames, spatial, dim)
     raise ValueError(f"attention layout {layout!r} is not one of {ATTENTION_LAYOUTS}")
+
+
+class LocalSequence:
+    """A model's sequence hooks in one process: nothing is split. `videosys.parallelize` replaces it
+    with a sequence-parallel plan that keeps one chunk of axis `dim` per rank between the two."""
+
+    def scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        return x
 
 
 class Mlp(nn.Module):

@@ -332,6 +332,8 @@ class CogVideoXFinalLayer(nn.Module):
 
 class CogVideoX(nn.Module):
     block_lists = ("blocks",)  # the transformer block lists that parallel plans and checkpointing wrap
+    sequence_parallel_modes = ()
+    token_layout = "joint"  # what `videosys.parallelize` splits
     learn_sigma = False
     prediction_type = "v_prediction"
 

@@ -24,6 +24,7 @@ from videosys.models.blocks import (
     AdaLNFinalLayer,
     Attention,
     LabelEmbedder,
+    LocalSequence,
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
@@ -123,9 +124,12 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     block_lists = ("blocks",)  # the transformer block lists that parallel plans and checkpointing wrap
+    sequence_parallel_modes = ("ulysses", "ring", "usp")
+    token_layout = "image"  # (B, N, C) tokens, split along N
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        self.sequence = LocalSequence()  # sequence-parallel hooks, set by videosys.parallelize
         cfg = cfg.resolved()
         self.config = cfg
         self.in_channels = cfg.in_channels
@@ -179,11 +183,11 @@ class DiT(nn.Module):
         """x: (B, C, H, W) noisy input, t: (B,) timesteps, y: (B,) labels (null_label = unconditional)."""
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             raise ValueError(f"DiT was built for {self.input_size}x{self.input_size} inputs, got {tuple(x.shape[-2:])}")
-        h = self.x_embedder(x) + self.pos_embed
+        h = self.sequence.scatter(self.x_embedder(x) + self.pos_embed, 1)
         c = self.t_embedder(t) + self.y_embedder(y)
         for block in self.blocks:
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+        return self.unpatchify(self.sequence.gather(self.final_layer(h, c), 1))
 
 
 # --- Loading published weights -------------------------------------------------------------------

@@ -41,6 +41,7 @@ from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models.blocks import (
     AdaLNSingleBlock,
     AdaLNSingleFinalLayer,
+    LocalSequence,
     Mlp,
     PatchEmbed3D,
     TimestepEmbedder,
@@ -182,10 +183,13 @@ def spatial_pos_table(dim: int, grid_h: int, grid_w: int, sample_size: int, patc
 
 class Latte(nn.Module):
     block_lists = ("spatial_blocks", "temporal_blocks")  # the block lists that parallel plans wrap
+    sequence_parallel_modes = ("dsp", "ulysses", "ring", "usp")
+    token_layout = "video"  # what `videosys.parallelize` splits
     prediction_type = "epsilon"
 
     def __init__(self, cfg: LatteConfig):
         super().__init__()
+        self.sequence = LocalSequence()  # sequence-parallel hooks, set by videosys.parallelize
         cfg = cfg.resolved()
         self.config = cfg
         self.in_channels = cfg.in_channels
@@ -274,6 +278,7 @@ class Latte(nn.Module):
 
         h = self.x_embedder(x)  # (B, T, S, C)
         h = (h + self.spatial_positions(grid[1], grid[2], h)).to(h.dtype)
+        h = self.sequence.scatter(h, 2)  # sequence parallel: each rank keeps a chunk of the spatial tokens
         t_emb = self.t_embedder(timestep)  # (B, C)
         t6 = self.t_block(t_emb).unflatten(1, (6, -1))  # (B, 6, C)
         context = self.y_embedder(text)
@@ -288,7 +293,7 @@ class Latte(nn.Module):
                 if i == 0 and frames > 1:
                     h = h + self.temp_embed[:, :frames].to(h.dtype)
                 h = temporal(h, t6)
-        h = self.final_layer(h, t_emb)
+        h = self.sequence.gather(self.final_layer(h, t_emb), 2)
         return unpatchify_video(h, grid, (1, p, p), self.out_channels)
 
 

@@ -27,6 +27,7 @@ from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models.blocks import (
     AdaLNSingleBlock,
     AdaLNSingleFinalLayer,
+    LocalSequence,
     Mlp,
     PatchEmbed3D,
     RMSNorm,
@@ -151,10 +152,13 @@ class OpenSora(nn.Module):
     """STDiT3. forward(x (B, C, T, H, W), timestep (B,) in [0, 1000], text (B, L, C_text), text_mask (B, L))."""
 
     block_lists = ("spatial_blocks", "temporal_blocks")
+    sequence_parallel_modes = ("dsp", "ulysses", "ring", "usp")
+    token_layout = "video"  # what `videosys.parallelize` splits
     prediction_type = "flow"
 
     def __init__(self, cfg: OpenSoraConfig):
         super().__init__()
+        self.sequence = LocalSequence()  # sequence-parallel hooks, set by videosys.parallelize
         cfg = cfg.resolved()
         self.config = cfg
         self.in_channels = cfg.in_channels
@@ -255,11 +259,13 @@ class OpenSora(nn.Module):
         context = self.y_embedder(text)
 
         h = self.x_embedder(x) + pos.to(self.x_embedder.proj.weight.dtype)
+        h = self.sequence.scatter(h, 2)  # sequence parallel: each rank keeps a chunk of the spatial tokens
         rope = self.rope.rotary(grid[0])
         for spatial, temporal in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
             h = spatial(h, t6, context, text_mask)
             h = temporal(h, t6, context, text_mask, rope)
-        out = unpatchify_video(self.final_layer(h, t), grid, self.patch_size, self.out_channels)
+        h = self.sequence.gather(self.final_layer(h, t), 2)
+        out = unpatchify_video(h, grid, self.patch_size, self.out_channels)
         return out[:, :, :frames, :rows, :cols]
 
 

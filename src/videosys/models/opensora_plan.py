@@ -62,6 +62,7 @@ from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models.blocks import (
     AdaLNSingleBlock,
     AdaLNSingleFinalLayer,
+    LocalSequence,
     Mlp,
     PatchEmbed3D,
     Rotary,
@@ -205,11 +206,14 @@ class OpenSoraPlan(nn.Module):
     """
 
     block_lists = ("blocks",)  # the transformer block lists that parallel plans and checkpointing wrap
+    sequence_parallel_modes = ("ulysses", "ring", "usp")
+    token_layout = "video"  # what `videosys.parallelize` splits
     learn_sigma = False
     prediction_type = "epsilon"  # overridden per instance by config.prediction_type
 
     def __init__(self, cfg: OpenSoraPlanConfig):
         super().__init__()
+        self.sequence = LocalSequence()  # sequence-parallel hooks, set by videosys.parallelize
         cfg = cfg.resolved()
         self.config = cfg
         self.in_channels = cfg.in_channels
@@ -305,10 +309,12 @@ class OpenSoraPlan(nn.Module):
             text_mask = text_mask | ~text_mask.any(dim=1, keepdim=True)
 
         h = self.pos_embed(x)  # (B, T', H'W', C), tokens t-major then row-major
+        h = self.sequence.scatter(h, 2)  # sequence parallel: each rank keeps a chunk of every frame's tokens
         rope = self.rotary(grid, x.device)
         for block in self.blocks:
             h = block(h, t6, context, text_mask, rope)
-        return unpatchify_video(self.final_layer(h, t), grid, self.patch_size, self.out_channels)
+        h = self.sequence.gather(self.final_layer(h, t), 2)
+        return unpatchify_video(h, grid, self.patch_size, self.out_channels)
 
 
 def load_weights(model: OpenSoraPlan, path: str) -> None:

@@ -1,22 +1,32 @@
 """The one place where execution strategies touch a model, applied in a fixed order:
 
 1. attention backend (every attention module's `attention_fn`),
-2. activation checkpointing (per transformer block).
+2. sequence parallelism (the model's `sequence` hooks and its self-attention modules; see
+   `videosys.parallelize.sequence`),
+3. activation checkpointing (per transformer block),
+4. after the weights exist: ZeRO sharding with FSDP2 over the data-parallel and sequence-parallel
+   ranks (`shard_parameters`),
+5. for sampling: classifier-free-guidance parallelism around the denoiser (`cfg_parallel`).
 
-Sequence parallelism, FSDP2 sharding, CFG parallelism and torch.compile join this list; model
-code never applies any of them itself.
+torch.compile joins this list; model code never applies any of them itself.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from videosys.distributed import DistContext, ParallelConfig
-from videosys.models.blocks import AttentionModule
+from videosys.distributed.collectives import all_gather_batch
+from videosys.errors import ConfigError
+from videosys.models.blocks import Attention, AttentionModule
 from videosys.ops.attention import KernelsConfig, get_attention_backend
+from videosys.parallelize.sequence import SequenceParallel
 from videosys.precision import PrecisionConfig
 
 
@@ -26,6 +36,7 @@ class ParallelizePlan:
 
     attention_backend: str
     checkpointed_blocks: int
+    sequence_parallel: str = "none"
 
 
 def transformer_block_lists(model: nn.Module) -> list[nn.ModuleList]:
@@ -45,11 +56,12 @@ def parallelize(
     activation_checkpointing: bool = False,
 ) -> ParallelizePlan:
     """Apply the configured strategies to `model` in place (it may still be on the meta device)."""
-    del parallel  # single-process layout: nothing to shard yet (validated in init_distributed)
+    del parallel  # its degrees were resolved into dist.dims by init_distributed
     backend = get_attention_backend(kernels.attention, dist.device, precision.torch_dtype)
     for module in model.modules():
         if isinstance(module, AttentionModule):
             module.attention_fn = backend.fn
+    sequence = apply_sequence_parallel(model, dist, backend.fn)
     checkpointed = 0
     if activation_checkpointing:
         for blocks in transformer_block_lists(model):
@@ -57,4 +69,77 @@ def parallelize(
                 # The wrapper's state-dict hooks keep state-dict keys unchanged.
                 blocks[i] = checkpoint_wrapper(block)
                 checkpointed += 1
-    return ParallelizePlan(attention_backend=backend.name, checkpointed_blocks=checkpointed)
+    return ParallelizePlan(backend.name, checkpointed, sequence)
+
+
+def apply_sequence_parallel(model: nn.Module, dist: DistContext, local_attention: Callable) -> str:
+    """Give the model a sequence-parallel plan over the `sp` ranks; returns the mode ("none" for one rank)."""
+    dims = dist.dims
+    if dims.sp == 1:
+        return "none"
+    supported = getattr(model, "sequence_parallel_modes", ())
+    if dims.sp_mode not in supported:
+        raise ConfigError(
+            f"parallel.sp_mode={dims.sp_mode} is not supported by {type(model).__name__} "
+            f"(supported: {', '.join(supported) or 'none yet'}); pick another parallel preset"
+        )
+    plan = SequenceParallel(
+        dims.sp_mode, dist.comm("sp"), dist.comm("sp_ulysses"), dist.comm("sp_ring"), local_attention
+    )
+    model.sequence = plan
+    for module in model.modules():
+        if isinstance(module, Attention):  # self-attention only: cross-attention keys are the whole text
+            if model.token_layout == "image":
+                module.attention_fn = plan.image_attention_fn(1)
+            else:
+                module.sp = plan
+    return dims.sp_mode
+
+
+def shard_parameters(model: nn.Module, dist: DistContext, parallel: ParallelConfig) -> str:
+    """ZeRO with FSDP2: shard parameters, gradients and optimizer state over dp_shard x sp ranks
+    (replicated over dp_replicate), per transformer block and then the rest of the model.
+
+    Gradients are averaged over all of these ranks; sequence-parallel ranks hold their own tokens'
+    contribution scaled to make that exact (`videosys.distributed.collectives`).
+    """
+    if dist.mesh is None:
+        return "none"
+    dims = dist.dims
+    mesh = dist.submesh("fsdp")
+    if dims.dp_replicate > 1:
+        mesh = dist.mesh["dp_replicate", "fsdp"]
+    options = dict(
+        mesh=mesh,
+        reshard_after_forward=parallel.zero_stage == 3,
+        offload_policy=CPUOffloadPolicy() if parallel.offload else OffloadPolicy(),
+    )
+    for blocks in transformer_block_lists(model):
+        for block in blocks:
+            fully_shard(block, **options)
+    fully_shard(model, **options)
+    return f"fsdp zero{parallel.zero_stage} over {mesh.size()} ranks" + (" (cpu offload)" if parallel.offload else "")
+
+
+def cfg_parallel(fn: Callable[..., torch.Tensor], dist: DistContext) -> Callable[..., torch.Tensor]:
+    """Run a denoiser on a [conditional; unconditional] batch with each half on one rank of the `cfg`
+    pair; every argument whose first dimension is the batch is halved, and the halves' outputs are
+    gathered back in order, so the guidance mix that follows is unchanged."""
+    comm = dist.comm("cfg")
+    if comm.size == 1:
+        return fn
+
+    def run(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        batch = x.shape[0]
+        if batch % 2:
+            raise ValueError(f"CFG parallel needs a [conditional; unconditional] batch, got batch {batch}")
+
+        def half(value):
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch:
+                return value.chunk(2)[comm.rank]
+            return value
+
+        out = fn(half(x), *map(half, args), **{k: half(v) for k, v in kwargs.items()})
+        return all_gather_batch(out.contiguous(), comm)
+
+    return run

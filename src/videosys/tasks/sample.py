@@ -61,7 +61,7 @@ def sample(
 ) -> dict:
     cache = build_cache(pab)
     text_encoder = text_encoder or TextEncoderConfig()
-    dataset, spec = _sample_data(data_cfg, model_entry(model_cfg.name).is_video)
+    dataset, spec = sample_data(data_cfg, model_entry(model_cfg.name).is_video)
     state = None
     if task.checkpoint:
         path = ckpt_io.find_checkpoint(task.checkpoint, "task.checkpoint")
@@ -82,7 +82,7 @@ def sample(
         else:
             conditioner = make_text_conditioner(text_encoder, spec, ctx.device)
     if state is None:
-        model_cfg = _resolve_for_sampling(
+        model_cfg = resolve_for_sampling(
             model_cfg, spec, vae, text_geometry(conditioner, spec) if entry.is_video else None, sampling
         )
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
@@ -119,7 +119,7 @@ def sample(
     return metrics
 
 
-def _sample_data(data_cfg, is_video: bool):
+def sample_data(data_cfg, is_video: bool):
     """The dataset and its spec when they describe what the model generates (for geometry and scoring)."""
     dataset, spec = build_dataset(data_cfg)
     if is_video != (spec.num_frames is not None):
@@ -127,7 +127,7 @@ def _sample_data(data_cfg, is_video: bool):
     return dataset, spec
 
 
-def _resolve_for_sampling(model_cfg, spec, vae: VAEConfig, text, sampling: SamplingConfig):
+def resolve_for_sampling(model_cfg, spec, vae: VAEConfig, text, sampling: SamplingConfig):
     try:  # self-describing weights (a diffusers folder) or explicit geometry
         return resolve_model_config(model_cfg, None, vae, text)
     except MissingGeometryError:  # take it from the data config

@@ -1,0 +1,164 @@
+"""Autograd-aware collectives for sequence parallelism, over a `CommGroup`.
+
+Sequence-parallel gradients follow one rule: every rank of a sequence group computes the same
+loss, and backward through these collectives leaves on each rank its own tokens' contribution to
+the parameter gradients, scaled by the group size, so that averaging gradients over all ranks,
+data- and sequence-parallel alike (what FSDP does), gives the exact gradient. Hence
+`scatter_sequence`'s backward puts the local gradient back in place without communication, and
+`gather_sequence`'s backward takes the local slice times the group size.
+
+Any sequence length works: `scatter_sequence` pads the split dimension to a multiple of the
+group size (padding sits at the end of the last ranks' chunks) and `gather_sequence` removes it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class CommCounter:
+    """Bytes this rank sends to other ranks, per collective kind (all-to-all: the chunks for the
+    other ranks; all-gather: its chunk once per other rank; point-to-point: the whole tensor)."""
+
+    bytes_sent: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_sent[kind] += nbytes
+        self.calls[kind] += 1
+
+    def reset(self) -> None:
+        self.bytes_sent.clear()
+        self.calls.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_sent.values())
+
+
+@dataclass
+class CommGroup:
+    """A process group with its size and this process's rank in it, and an optional byte counter."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+    counter: CommCounter | None = None
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup, counter: CommCounter | None = None) -> CommGroup:
+        return cls(group, dist.get_world_size(group), dist.get_rank(group), counter)
+
+    def count(self, kind: str, tensor: torch.Tensor) -> None:
+        if self.counter is not None:
+            nbytes = tensor.numel() * tensor.element_size()
+            off_rank = {"all_to_all": nbytes * (self.size - 1) // self.size, "all_gather": nbytes * (self.size - 1)}
+            self.counter.add(kind, off_rank.get(kind, nbytes))
+
+
+def chunk_length(length: int, parts: int) -> int:
+    """Per-rank chunk length when `length` is split in `parts` (the last chunks carry the padding)."""
+    return -(-length // parts)
+
+
+def pad_dim(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """Zero-pad `x` along `dim` to `length`."""
+    missing = length - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+
+def _local_chunk(x: torch.Tensor, dim: int, comm: CommGroup) -> torch.Tensor:
+    chunk = chunk_length(x.shape[dim], comm.size)
+    return pad_dim(x, dim, chunk * comm.size).narrow(dim, comm.rank * chunk, chunk).contiguous()
+
+
+def _all_gather(x: torch.Tensor, dim: int, comm: CommGroup) -> torch.Tensor:
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(comm.size)]
+    comm.count("all_gather", x)
+    dist.all_gather(parts, x, group=comm.group)
+    return torch.cat(parts, dim=dim)
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, comm):
+        ctx.dim, ctx.comm, ctx.length = dim, comm, x.shape[dim]
+        return _local_chunk(x, dim, comm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, comm = ctx.dim, ctx.comm
+        chunk = grad.shape[dim]
+        shape = list(grad.shape)
+        shape[dim] = chunk * comm.size
+        full = grad.new_zeros(shape)
+        full.narrow(dim, comm.rank * chunk, chunk).copy_(grad)
+        return full.narrow(dim, 0, ctx.length), None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, comm, length):
+        ctx.dim, ctx.comm = dim, comm
+        return _all_gather(x, dim, comm).narrow(dim, 0, length)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _local_chunk(grad, ctx.dim, ctx.comm) * ctx.comm.size, None, None, None
+
+
+def scatter_sequence(x: torch.Tensor, dim: int, comm: CommGroup) -> torch.Tensor:
+    """This rank's chunk of `x` (the same on every rank) along `dim`, zero-padded to equal chunks."""
+    return _Scatter.apply(x, dim, comm)
+
+
+def gather_sequence(x: torch.Tensor, dim: int, comm: CommGroup, length: int) -> torch.Tensor:
+    """Concatenate every rank's chunk along `dim` and cut the padding: the inverse of `scatter_sequence`."""
+    return _Gather.apply(x, dim, comm, length)
+
+
+def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: CommGroup) -> torch.Tensor:
+    if x.shape[scatter_dim] % comm.size:
+        raise ValueError(
+            f"all-to-all over {comm.size} ranks needs dimension {scatter_dim} of {tuple(x.shape)} to divide evenly"
+        )
+    send = torch.stack(x.chunk(comm.size, dim=scatter_dim)).contiguous()
+    received = torch.empty_like(send)
+    comm.count("all_to_all", send)
+    dist.all_to_all_single(received, send, group=comm.group)
+    return torch.cat(received.unbind(0), dim=gather_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, comm):
+        ctx.dims, ctx.comm = (scatter_dim, gather_dim), comm
+        return _all_to_all(x, scatter_dim, gather_dim, comm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        scatter_dim, gather_dim = ctx.dims
+        return _all_to_all(grad, gather_dim, scatter_dim, ctx.comm), None, None, None
+
+
+def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: CommGroup) -> torch.Tensor:
+    """Split `x` along `scatter_dim` (which must divide evenly), send chunk i to rank i, and
+    concatenate what arrives along `gather_dim` in rank order: switches which dimension is sharded."""
+    if comm.size == 1:
+        return x
+    return _AllToAll.apply(x, scatter_dim, gather_dim, comm)
+
+
+def all_gather_batch(x: torch.Tensor, comm: CommGroup) -> torch.Tensor:
+    """Concatenate every rank's `x` along dim 0 (forward only: used by sampling)."""
+    return _all_gather(x, 0, comm)

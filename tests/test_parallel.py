@@ -1,0 +1,261 @@
+"""Every parallel mode equals one process: gloo groups of 2 and 4 CPU ranks, debug flavors of DiT,
+Latte, Open-Sora and Open-Sora-Plan (full 3D), fp32, token counts the degrees do not divide."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from multiprocess import run_ranks
+from videosys.distributed import CommCounter, ParallelConfig, init_distributed
+from videosys.errors import ConfigError
+from videosys.models.dit import DiT, DiTConfig
+from videosys.models.latte import Latte, LatteConfig
+from videosys.models.opensora import OpenSora, OpenSoraConfig
+from videosys.models.opensora_plan import OpenSoraPlan, OpenSoraPlanConfig
+from videosys.ops import KernelsConfig
+from videosys.parallelize import parallelize, transformer_block_lists
+from videosys.parallelize.sequence import attention_layouts, sequence_comm_per_forward
+from videosys.precision import PrecisionConfig
+
+TOLERANCE = 1e-5
+# 5 x 5 image tokens; videos of 3 frames x (3 x 5) patches: neither 15 nor 3 divides by 2 or 4.
+VIDEO = [3, 6, 10]
+TEXT = dict(caption_channels=32, model_max_length=5)
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple, dict]:
+    """A debug model with every parameter random (no zero-initialised layer hides a gradient), and inputs."""
+    torch.manual_seed(0)
+    if name == "dit":
+        model = DiT(DiTConfig(flavor="debug", input_size=10, in_channels=1, num_classes=10))
+        inputs = (torch.randn(2, 1, 10, 10), torch.tensor([10.0, 700.0]), torch.tensor([3, 10]))
+    else:
+        cls, cfg = {
+            "latte": (Latte, LatteConfig),
+            "opensora": (OpenSora, OpenSoraConfig),
+            "opensora_plan": (OpenSoraPlan, OpenSoraPlanConfig),
+        }[name]
+        fields = {"input_size": VIDEO, "in_channels": 4, **TEXT}
+        fields = {k: v for k, v in fields.items() if k in cfg.__dataclass_fields__}
+        if name == "opensora_plan":
+            fields["max_text_length"] = 5
+        model = cls(cfg(flavor="debug", **fields))
+        mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+        inputs = (torch.randn(2, 4, *VIDEO), torch.tensor([10.0, 700.0]), torch.randn(2, 5, 32), mask)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval(), inputs, {}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.norm()
+    return (a - b).norm().item() / scale.item() if scale > 0 else (a - b).norm().item()
+
+
+def _sequence_parallel(rank: int, world: int, cases: list[tuple[str, str, int, int]]) -> dict:
+    """Output and gradient error of each (model, mode) against the same model in one process."""
+    errors = {}
+    for name, mode, ulysses, ring in cases:
+        cfg = ParallelConfig(sp_mode=mode, sp_ulysses=ulysses, sp_ring=ring)
+        ctx = init_distributed(cfg, "cpu")
+        reference, inputs, kwargs = build(name)
+        model = copy.deepcopy(reference)
+        ctx.counter = CommCounter()
+        plan = parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
+        assert plan.sequence_parallel == mode
+        torch.manual_seed(1)
+        out = model(*inputs, **kwargs)
+        counted = {kind: (ctx.counter.calls[kind], ctx.counter.bytes_sent[kind]) for kind in ctx.counter.calls}
+        formula = _comm_formula(model, mode, ulysses, ring, inputs[0])
+        # The formula counts padded, uncompacted blocks: exact for all-to-alls, an upper bound for ring.
+        for kind, (calls, nbytes) in formula.items():
+            assert counted[kind][0] == calls, (name, mode, kind, counted, formula)
+            assert counted[kind][1] == nbytes or (kind == "p2p" and 0 < counted[kind][1] <= nbytes), (
+                name,
+                mode,
+                kind,
+                counted,
+                formula,
+            )
+        assert set(counted) == set(formula), (counted, formula)
+        expected = reference(*inputs, **kwargs)
+        weight = torch.randn(expected.shape)  # a loss that weighs every output element differently
+        (out * weight).sum().backward()
+        (expected * weight).sum().backward()
+        worst = relative_error(out, expected)
+        sp_group = ctx.comm("sp").group
+        for p, ref in zip(model.parameters(), reference.parameters(), strict=True):
+            grad = p.grad.clone()
+            dist.all_reduce(grad, group=sp_group)  # averaged over ranks, as data parallelism does
+            worst = max(worst, relative_error(grad / world, ref.grad))
+        errors[(name, mode, ulysses, ring)] = worst
+    return errors
+
+
+def _comm_formula(model, mode: str, ulysses: int, ring: int, x: torch.Tensor) -> dict:
+    blocks = [block for blocks in transformer_block_lists(model) for block in blocks]
+    layouts = attention_layouts(blocks, model.token_layout)
+    if model.token_layout == "image":
+        frames, spatial = 1, (x.shape[-1] // model.patch_size) ** 2
+    else:
+        patch = (
+            model.patch_size if isinstance(model.patch_size, (tuple, list)) else (1, model.patch_size, model.patch_size)
+        )
+        frames, spatial = x.shape[2] // patch[0], (x.shape[3] // patch[1]) * (x.shape[4] // patch[2])
+    hidden = model.config.hidden_size
+    out_features = model.final_layer.linear.out_features
+    return sequence_comm_per_forward(mode, ulysses, ring, layouts, x.shape[0], frames, spatial, hidden, out_features, 4)
+
+
+SP_CASES = {
+    2: [
+        (model, mode, 2 if mode != "ring" else 1, 2 if mode == "ring" else 1)
+        for model, modes in {
+            "dit": ("ulysses", "ring"),
+            "latte": ("dsp", "ulysses", "ring"),
+            "opensora": ("dsp", "ulysses", "ring"),
+            "opensora_plan": ("ulysses", "ring"),
+        }.items()
+        for mode in modes
+    ],
+    4: [
+        ("dit", "ulysses", 4, 1),
+        ("dit", "usp", 2, 2),
+        ("latte", "dsp", 4, 1),
+        ("latte", "ring", 1, 4),
+        ("opensora", "dsp", 4, 1),
+        ("opensora", "ulysses", 4, 1),
+        ("opensora", "usp", 2, 2),
+        ("opensora_plan", "ring", 1, 4),
+        ("opensora_plan", "usp", 2, 2),
+    ],
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_equals_one_process(world):
+    errors = run_ranks(world, _sequence_parallel, SP_CASES[world])
+    assert len(errors) == len(SP_CASES[world])
+    bad = {case: err for case, err in errors.items() if not err <= TOLERANCE}
+    assert not bad, f"relative error above {TOLERANCE}: {bad}"
+
+
+def test_unsupported_mode_is_refused_before_work():
+    from videosys.distributed import resolve_dims, validate_for_model
+
+    dims = resolve_dims(ParallelConfig(sp_mode="dsp", sp_ulysses=4), 4)
+    with pytest.raises(ConfigError, match="sp_mode=dsp is not supported by model=opensora_plan"):
+        validate_for_model(dims, "opensora_plan", OpenSoraPlan.sequence_parallel_modes, 4, "train")
+    dims = resolve_dims(ParallelConfig(sp_mode="ulysses", sp_ulysses=4), 4)
+    with pytest.raises(ConfigError, match="sp_ulysses=4 does not divide model=latte's 6 attention heads"):
+        validate_for_model(dims, "latte", Latte.sequence_parallel_modes, 6, "train")
+
+
+def _global_batch(model: torch.nn.Module, inputs: tuple) -> tuple[tuple, torch.Tensor]:
+    """A batch of 4 built from the 2-sample inputs, and a regression target for the model's output."""
+    doubled = tuple(torch.cat([t, t.flip(0)]) if t.dim() else t for t in inputs)
+    x = doubled[0] + 0.1 * torch.randn(doubled[0].shape, generator=torch.Generator().manual_seed(5))
+    batch = (x, *doubled[1:])
+    with torch.no_grad():
+        shape = model(*batch).shape
+    return batch, torch.randn(shape, generator=torch.Generator().manual_seed(6))
+
+
+def _data_parallel(rank: int, world: int, cases: list[tuple[str, dict]]) -> dict:
+    """Gradients of one step and the losses of 20 AdamW steps, FSDP2 (+ sequence parallel) against one process."""
+    from videosys.parallelize import shard_parameters
+
+    results = {}
+    for name, degrees in cases:
+        cfg = ParallelConfig(**degrees)
+        ctx = init_distributed(cfg, "cpu")
+        reference, inputs, _ = build(name)
+        batch, target = _global_batch(reference, inputs)
+        model = copy.deepcopy(reference)
+        parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
+        shard_parameters(model, ctx, cfg)
+        coords = ctx.dims.coordinates(rank)
+        dp_rank = coords["dp_replicate"] * ctx.dims.dp_shard + coords["dp_shard"]
+        local = tuple(t.chunk(ctx.dims.dp)[dp_rank] if t.dim() else t for t in batch)
+        local_target = target.chunk(ctx.dims.dp)[dp_rank]
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-3)
+        grad_error, losses, ref_losses = 0.0, [], []
+        for step in range(20):
+            loss = (model(*local) - local_target).square().mean()
+            loss.backward()
+            ref_loss = (reference(*batch) - target).square().mean()
+            ref_loss.backward()
+            if step == 0:
+                for p, ref in zip(model.parameters(), reference.parameters(), strict=True):
+                    grad_error = max(grad_error, relative_error(p.grad.full_tensor(), ref.grad))
+            reported = loss.detach().clone()
+            dist.all_reduce(reported)  # every rank's mean; sp ranks repeat their dp rank's value
+            losses.append(reported.item() / world)
+            ref_losses.append(ref_loss.item())
+            for optimizer in (opt, ref_opt):
+                optimizer.step()
+                optimizer.zero_grad()
+        results[name, tuple(sorted(degrees.items()))] = (grad_error, losses, ref_losses)
+    return results
+
+
+DP_CASES = {
+    2: [
+        ("dit", dict(dp_replicate=2)),  # ddp
+        ("dit", dict(dp_shard=2, zero_stage=2)),
+        ("dit", dict(dp_shard=2, zero_stage=3)),
+    ],
+    4: [
+        ("dit", dict(dp_replicate=2, dp_shard=2, zero_stage=3)),  # HSDP
+        ("latte", dict(dp_shard=2, sp_ulysses=2, sp_mode="dsp")),  # dp x sp
+        ("opensora_plan", dict(dp_replicate=2, sp_ring=2, sp_mode="ring")),
+    ],
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_data_parallel_training_equals_one_process(world):
+    results = run_ranks(world, _data_parallel, DP_CASES[world])
+    assert len(results) == len(DP_CASES[world])
+    for case, (grad_error, losses, ref_losses) in results.items():
+        assert grad_error <= TOLERANCE, (case, grad_error)
+        assert ref_losses[-1] < 0.9 * ref_losses[0], (case, ref_losses)  # the steps do train
+        for step, (loss, ref) in enumerate(zip(losses, ref_losses, strict=True)):
+            assert abs(loss - ref) <= TOLERANCE * abs(ref), (case, step, loss, ref)
+
+
+def _cfg_parallel(rank: int, world: int, cases: list[tuple[str, dict]]) -> dict:
+    """Denoiser output on a [conditional; unconditional] batch with CFG (x sequence) parallelism."""
+    from videosys.parallelize import cfg_parallel
+
+    errors = {}
+    for name, degrees in cases:
+        cfg = ParallelConfig(**degrees)
+        ctx = init_distributed(cfg, "cpu")
+        reference, inputs, _ = build(name)
+        batch, _ = _global_batch(reference, inputs)
+        model = copy.deepcopy(reference)
+        parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
+        denoise = cfg_parallel(model, ctx)
+        with torch.no_grad():
+            errors[name, tuple(sorted(degrees.items()))] = relative_error(denoise(*batch), reference(*batch))
+    return errors
+
+
+CFG_CASES = [
+    ("dit", dict(cfg=2, dp_shard=2)),
+    ("latte", dict(cfg=2, sp_ulysses=2, sp_mode="dsp")),
+    ("opensora_plan", dict(cfg=2, sp_ulysses=2, sp_mode="ulysses")),
+]
+
+
+def test_cfg_parallel_sampling_equals_one_process():
+    errors = run_ranks(4, _cfg_parallel, CFG_CASES)
+    assert len(errors) == len(CFG_CASES)
+    assert all(err <= TOLERANCE for err in errors.values()), errors
