@@ -6,7 +6,7 @@ For each sequence-parallel mode that fits the world size (dsp, ulysses, ring ove
 as 2 x n/2), every rank builds the same random bf16 model (same seed), rank 0 times the plain model
 alone (the one-GPU baseline), then all ranks run the parallel plan: the relative error of its output
 against the one-GPU output, mean step latency (forward of batch 2 = 1 prompt + CFG), bytes each rank
-sent per step (counted by the collectives) against `sequence_comm_per_forward`, and peak memory.
+sent per step (counted by the collectives) against `model_comm_per_forward`, and peak memory.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from videosys.distributed import CommCounter, ParallelConfig, init_distributed, 
 from videosys.models.latte import Latte, LatteConfig
 from videosys.models.opensora import OpenSora, OpenSoraConfig
 from videosys.ops import KernelsConfig
-from videosys.parallelize import parallelize, transformer_block_lists
-from videosys.parallelize.sequence import attention_layouts, sequence_comm_per_forward
+from videosys.parallelize import model_comm_per_forward, parallelize
 from videosys.precision import PrecisionConfig
 
 DTYPE = torch.bfloat16
@@ -103,21 +102,7 @@ def main() -> None:
         with torch.no_grad():
             model(*inputs)
         counted = {kind: [ctx.counter.calls[kind], ctx.counter.bytes_sent[kind]] for kind in ctx.counter.calls}
-        blocks = [block for blocks in transformer_block_lists(model) for block in blocks]
-        p = model.patch_size if isinstance(model.patch_size, tuple) else (1, model.patch_size, model.patch_size)
-        frames, spatial = cfg.input_size[0] // p[0], (cfg.input_size[1] // p[1]) * (cfg.input_size[2] // p[2])
-        formula = sequence_comm_per_forward(
-            mode,
-            ulysses,
-            ring,
-            attention_layouts(blocks, "video"),
-            2,
-            frames,
-            spatial,
-            model.config.hidden_size,
-            model.final_layer.linear.out_features,
-            2,
-        )
+        formula = model_comm_per_forward(model, mode, ulysses, ring, 2, cfg.input_size, 2)
         torch.cuda.reset_peak_memory_stats()
         ms = timed(lambda model=model: model(*inputs), args.warmup, args.iters)
         peak = torch.tensor(torch.cuda.max_memory_allocated() / 2**30, device=device)

@@ -17,8 +17,7 @@ from videosys.models.latte import Latte, LatteConfig
 from videosys.models.opensora import OpenSora, OpenSoraConfig
 from videosys.models.opensora_plan import OpenSoraPlan, OpenSoraPlanConfig
 from videosys.ops import KernelsConfig
-from videosys.parallelize import parallelize, transformer_block_lists
-from videosys.parallelize.sequence import attention_layouts, sequence_comm_per_forward
+from videosys.parallelize import model_comm_per_forward, parallelize
 from videosys.precision import PrecisionConfig
 
 TOLERANCE = 1e-5
@@ -27,7 +26,7 @@ VIDEO = [3, 6, 10]
 TEXT = dict(caption_channels=32, model_max_length=5)
 
 
-def build(name: str) -> tuple[torch.nn.Module, tuple, dict]:
+def build(name: str) -> tuple[torch.nn.Module, tuple]:
     """A debug model with every parameter random (no zero-initialised layer hides a gradient), and inputs."""
     torch.manual_seed(0)
     if name == "dit":
@@ -49,7 +48,7 @@ def build(name: str) -> tuple[torch.nn.Module, tuple, dict]:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
-    return model.eval(), inputs, {}
+    return model.eval(), inputs
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,15 +62,15 @@ def _sequence_parallel(rank: int, world: int, cases: list[tuple[str, str, int, i
     for name, mode, ulysses, ring in cases:
         cfg = ParallelConfig(sp_mode=mode, sp_ulysses=ulysses, sp_ring=ring)
         ctx = init_distributed(cfg, "cpu")
-        reference, inputs, kwargs = build(name)
+        reference, inputs = build(name)
         model = copy.deepcopy(reference)
         ctx.counter = CommCounter()
         plan = parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
         assert plan.sequence_parallel == mode
         torch.manual_seed(1)
-        out = model(*inputs, **kwargs)
+        out = model(*inputs)
         counted = {kind: (ctx.counter.calls[kind], ctx.counter.bytes_sent[kind]) for kind in ctx.counter.calls}
-        formula = _comm_formula(model, mode, ulysses, ring, inputs[0])
+        formula = model_comm_per_forward(model, mode, ulysses, ring, 2, model.config.input_size, 4)
         # The formula counts padded, uncompacted blocks: exact for all-to-alls, an upper bound for ring.
         for kind, (calls, nbytes) in formula.items():
             assert counted[kind][0] == calls, (name, mode, kind, counted, formula)
@@ -83,7 +82,7 @@ def _sequence_parallel(rank: int, world: int, cases: list[tuple[str, str, int, i
                 formula,
             )
         assert set(counted) == set(formula), (counted, formula)
-        expected = reference(*inputs, **kwargs)
+        expected = reference(*inputs)
         weight = torch.randn(expected.shape)  # a loss that weighs every output element differently
         (out * weight).sum().backward()
         (expected * weight).sum().backward()
@@ -95,21 +94,6 @@ def _sequence_parallel(rank: int, world: int, cases: list[tuple[str, str, int, i
             worst = max(worst, relative_error(grad / world, ref.grad))
         errors[(name, mode, ulysses, ring)] = worst
     return errors
-
-
-def _comm_formula(model, mode: str, ulysses: int, ring: int, x: torch.Tensor) -> dict:
-    blocks = [block for blocks in transformer_block_lists(model) for block in blocks]
-    layouts = attention_layouts(blocks, model.token_layout)
-    if model.token_layout == "image":
-        frames, spatial = 1, (x.shape[-1] // model.patch_size) ** 2
-    else:
-        patch = (
-            model.patch_size if isinstance(model.patch_size, (tuple, list)) else (1, model.patch_size, model.patch_size)
-        )
-        frames, spatial = x.shape[2] // patch[0], (x.shape[3] // patch[1]) * (x.shape[4] // patch[2])
-    hidden = model.config.hidden_size
-    out_features = model.final_layer.linear.out_features
-    return sequence_comm_per_forward(mode, ulysses, ring, layouts, x.shape[0], frames, spatial, hidden, out_features, 4)
 
 
 SP_CASES = {
@@ -166,21 +150,26 @@ def _global_batch(model: torch.nn.Module, inputs: tuple) -> tuple[tuple, torch.T
     return batch, torch.randn(shape, generator=torch.Generator().manual_seed(6))
 
 
+def _prepare(name: str, degrees: dict):
+    """The run context, the one-process model, a parallelized copy, and a batch of 4 with its target."""
+    cfg = ParallelConfig(**degrees)
+    ctx = init_distributed(cfg, "cpu")
+    reference, inputs = build(name)
+    batch, target = _global_batch(reference, inputs)
+    model = copy.deepcopy(reference)
+    parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
+    return ctx, cfg, reference, model, batch, target
+
+
 def _data_parallel(rank: int, world: int, cases: list[tuple[str, dict]]) -> dict:
     """Gradients of one step and the losses of 20 AdamW steps, FSDP2 (+ sequence parallel) against one process."""
     from videosys.parallelize import shard_parameters
 
     results = {}
     for name, degrees in cases:
-        cfg = ParallelConfig(**degrees)
-        ctx = init_distributed(cfg, "cpu")
-        reference, inputs, _ = build(name)
-        batch, target = _global_batch(reference, inputs)
-        model = copy.deepcopy(reference)
-        parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
+        ctx, cfg, reference, model, batch, target = _prepare(name, degrees)
         shard_parameters(model, ctx, cfg)
-        coords = ctx.dims.coordinates(rank)
-        dp_rank = coords["dp_replicate"] * ctx.dims.dp_shard + coords["dp_shard"]
+        dp_rank = ctx.dims.dp_rank(rank)
         local = tuple(t.chunk(ctx.dims.dp)[dp_rank] if t.dim() else t for t in batch)
         local_target = target.chunk(ctx.dims.dp)[dp_rank]
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -236,12 +225,7 @@ def _cfg_parallel(rank: int, world: int, cases: list[tuple[str, dict]]) -> dict:
 
     errors = {}
     for name, degrees in cases:
-        cfg = ParallelConfig(**degrees)
-        ctx = init_distributed(cfg, "cpu")
-        reference, inputs, _ = build(name)
-        batch, _ = _global_batch(reference, inputs)
-        model = copy.deepcopy(reference)
-        parallelize(model, ctx, cfg, KernelsConfig(), PrecisionConfig())
+        ctx, _, reference, model, batch, _ = _prepare(name, degrees)
         denoise = cfg_parallel(model, ctx)
         with torch.no_grad():
             errors[name, tuple(sorted(degrees.items()))] = relative_error(denoise(*batch), reference(*batch))
@@ -259,3 +243,31 @@ def test_cfg_parallel_sampling_equals_one_process():
     errors = run_ranks(4, _cfg_parallel, CFG_CASES)
     assert len(errors) == len(CFG_CASES)
     assert all(err <= TOLERANCE for err in errors.values()), errors
+
+
+def test_parallelize_refuses_what_the_model_cannot_split():
+    """The same checks as the dry run, applied by `parallelize` itself (fake backend, one process)."""
+    from videosys.distributed import shutdown_distributed
+
+    model, _ = build("latte")  # 4 heads, no full-3D attention
+    cases = [
+        (ParallelConfig(sp_mode="ulysses", sp_ulysses=8), "sp_ulysses=8 does not divide model=latte's 4"),
+        (ParallelConfig(sp_mode="dsp", sp_ulysses=2), None),
+    ]
+    for cfg, message in cases:
+        ctx = init_distributed(cfg, "cpu", fake_world_size=cfg.sp_ulysses)
+        try:
+            if message is None:
+                assert parallelize(copy.deepcopy(model), ctx, cfg, KernelsConfig(), PrecisionConfig()).sequence_parallel
+            else:
+                with pytest.raises(ConfigError, match=message):
+                    parallelize(copy.deepcopy(model), ctx, cfg, KernelsConfig(), PrecisionConfig())
+        finally:
+            shutdown_distributed()
+    plan_model, _ = build("opensora_plan")
+    ctx = init_distributed(ParallelConfig(sp_mode="dsp", sp_ulysses=2), "cpu", fake_world_size=2)
+    try:
+        with pytest.raises(ConfigError, match="sp_mode=dsp is not supported by model=opensora_plan"):
+            parallelize(plan_model, ctx, ParallelConfig(), KernelsConfig(), PrecisionConfig())
+    finally:
+        shutdown_distributed()

@@ -70,6 +70,16 @@ class ParallelDims:
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def dp_rank(self, rank: int) -> int:
+        """`rank`'s index among the data-parallel ranks (which batch shard it reads)."""
+        coords = self.coordinates(rank)
+        return coords["dp_replicate"] * self.dp_shard + coords["dp_shard"]
+
+    def sp_rank(self, rank: int) -> int:
+        """`rank`'s index in its sequence-parallel group (which token chunk it holds)."""
+        coords = self.coordinates(rank)
+        return coords["sp_ring"] * self.sp_ulysses + coords["sp_ulysses"]
+
     def coordinates(self, rank: int) -> dict[str, int]:
         """This rank's index along every mesh dimension (row-major, `MESH_DIMS` order)."""
         coords = {}
@@ -154,9 +164,10 @@ def _check_sp_mode(cfg: ParallelConfig) -> None:
 
 
 def validate_for_model(
-    dims: ParallelDims, model_name: str, supported_modes: tuple[str, ...], num_heads: int, task: str
+    dims: ParallelDims, model_name: str, supported_modes: tuple[str, ...], num_heads: int, task: str | None = None
 ) -> None:
-    """Checks that need the model and the task; run before any weights are built."""
+    """Checks that need the model (and, when given, the task); `parallelize` runs them on every run,
+    the dry run before anything is built."""
     if dims.sp_mode != "none" and dims.sp_mode not in supported_modes:
         choices = ", ".join(supported_modes) if supported_modes else "no sequence-parallel mode yet"
         raise ConfigError(
@@ -169,7 +180,7 @@ def validate_for_model(
             f"heads (Ulysses gives each rank whole heads); use an sp_ulysses that divides {num_heads}, "
             "sp_mode=dsp (no head constraint) or sp_mode=ring"
         )
-    if dims.cfg > 1 and task != "sample":
+    if dims.cfg > 1 and task is not None and task != "sample":
         raise ConfigError(
             f"parallel.cfg={dims.cfg} splits the two guidance halves of sampling, but task={task}; use cfg=1 "
             "(give the ranks to dp_shard instead)"

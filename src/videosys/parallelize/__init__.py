@@ -21,12 +21,11 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
-from videosys.distributed import DistContext, ParallelConfig
+from videosys.distributed import DistContext, ParallelConfig, validate_for_model
 from videosys.distributed.collectives import all_gather_batch
-from videosys.errors import ConfigError
 from videosys.models.blocks import Attention, AttentionModule
 from videosys.ops.attention import KernelsConfig, get_attention_backend
-from videosys.parallelize.sequence import SequenceParallel
+from videosys.parallelize.sequence import SequenceParallel, sequence_comm_per_forward
 from videosys.precision import PrecisionConfig
 
 
@@ -77,12 +76,8 @@ def apply_sequence_parallel(model: nn.Module, dist: DistContext, local_attention
     dims = dist.dims
     if dims.sp == 1:
         return "none"
-    supported = getattr(model, "sequence_parallel_modes", ())
-    if dims.sp_mode not in supported:
-        raise ConfigError(
-            f"parallel.sp_mode={dims.sp_mode} is not supported by {type(model).__name__} "
-            f"(supported: {', '.join(supported) or 'none yet'}); pick another parallel preset"
-        )
+    cfg = model.config
+    validate_for_model(dims, cfg.name, getattr(model, "sequence_parallel_modes", ()), cfg.num_heads)
     plan = SequenceParallel(
         dims.sp_mode, dist.comm("sp"), dist.comm("sp_ulysses"), dist.comm("sp_ring"), local_attention
     )
@@ -94,6 +89,45 @@ def apply_sequence_parallel(model: nn.Module, dist: DistContext, local_attention
             else:
                 module.sp = plan
     return dims.sp_mode
+
+
+def token_grid(model: nn.Module, input_size) -> tuple[int, int]:
+    """(frames, tokens per frame) of an input of `input_size` latents: [T, H, W] for video models
+    (partial patches count, as Open-Sora pads them), an int side for image models (frames = 1)."""
+    if model.token_layout == "image":
+        return 1, (input_size // model.patch_size) ** 2
+    patch = model.patch_size if isinstance(model.patch_size, (tuple, list)) else (1, model.patch_size, model.patch_size)
+    frames, height, width = input_size
+    return -(-frames // patch[0]), -(-height // patch[1]) * -(-width // patch[2])
+
+
+def attention_layouts(model: nn.Module) -> dict[str, int]:
+    """How many self-attentions of each layout ("spatial", "temporal", "full", "image") the model runs."""
+    counts: dict[str, int] = {}
+    for blocks in transformer_block_lists(model):
+        for block in blocks:
+            layout = "image" if model.token_layout == "image" else getattr(block, "layout", "full")
+            counts[layout] = counts.get(layout, 0) + 1
+    return counts
+
+
+def model_comm_per_forward(
+    model: nn.Module, mode: str, ulysses: int, ring: int, batch: int, input_size, element_bytes: int
+) -> dict[str, tuple[int, int]]:
+    """`sequence_comm_per_forward` for this model at `input_size`: kind -> (calls, bytes per rank)."""
+    frames, spatial = token_grid(model, input_size)
+    return sequence_comm_per_forward(
+        mode,
+        ulysses,
+        ring,
+        attention_layouts(model),
+        batch,
+        frames,
+        spatial,
+        model.config.hidden_size,
+        model.final_layer.linear.out_features,
+        element_bytes,
+    )
 
 
 def shard_parameters(model: nn.Module, dist: DistContext, parallel: ParallelConfig) -> str:

@@ -170,12 +170,3 @@ def sequence_comm_per_forward(
     # The final layer's output is gathered once.
     add("all_gather", 1, batch * frames * chunk * out_features * element_bytes * (n - 1))
     return {kind: (c, b) for kind, (c, b) in calls.items()}
-
-
-def attention_layouts(blocks: list, token_layout: str) -> dict[str, int]:
-    """How many self-attentions of each layout a model's blocks run (see `sequence_comm_per_forward`)."""
-    counts: dict[str, int] = {}
-    for block in blocks:
-        layout = "image" if token_layout == "image" else getattr(block, "layout", "full")
-        counts[layout] = counts.get(layout, 0) + 1
-    return counts

@@ -20,22 +20,12 @@ from videosys.distributed import (
 from videosys.distributed.collectives import chunk_length
 from videosys.distributed.mesh import MESH_DIMS
 from videosys.models import build_model, model_entry
-from videosys.parallelize import transformer_block_lists
-from videosys.parallelize.sequence import attention_layouts, sequence_comm_per_forward
+from videosys.parallelize import attention_layouts, model_comm_per_forward, token_grid
+from videosys.parallelize.sequence import sequence_comm_per_forward
 from videosys.precision import PrecisionConfig
 
 _MIB = 2**20
 _GIB = 2**30
-
-
-def token_grid(model: torch.nn.Module) -> tuple[int, int]:
-    """(frames, spatial tokens per frame) of the model's configured input; (1, N) for image models."""
-    cfg = model.config
-    if model.token_layout == "image":
-        return 1, (cfg.input_size // cfg.patch_size) ** 2
-    patch = model.patch_size if isinstance(model.patch_size, (tuple, list)) else (1, model.patch_size, model.patch_size)
-    frames, height, width = cfg.input_size
-    return -(-frames // patch[0]), -(-height // patch[1]) * -(-width // patch[2])
 
 
 def dry_run(
@@ -61,7 +51,7 @@ def _describe(ctx: DistContext, parallel, model_cfg, precision, task, batch, emi
         model = build_model(model_cfg)
     cfg = model.config
     validate_for_model(dims, model_cfg.name, getattr(model, "sequence_parallel_modes", ()), cfg.num_heads, task)
-    frames, spatial = token_grid(model)
+    frames, spatial = token_grid(model, cfg.input_size)
     element = torch.finfo(precision.torch_dtype).bits // 8
     params = sum(p.numel() for p in model.parameters())
 
@@ -81,8 +71,7 @@ def _describe(ctx: DistContext, parallel, model_cfg, precision, task, batch, emi
     emit(f"{'rank':>4}  {'sp group':14} {'dp group':14} {'cfg group':10} {'tokens (split axis)':22}")
     ranks = []
     for rank in range(dims.world_size):
-        coords = dims.coordinates(rank)
-        sp_index = coords["sp_ring"] * dims.sp_ulysses + coords["sp_ulysses"]
+        sp_index = dims.sp_rank(rank)
         start, stop = min(sp_index * chunk, spatial), min((sp_index + 1) * chunk, spatial)
         padding = chunk - (stop - start)
         groups = {
@@ -94,23 +83,12 @@ def _describe(ctx: DistContext, parallel, model_cfg, precision, task, batch, emi
         emit(f"{rank:>4}  {_ranks(groups['sp']):14} {_ranks(groups['dp']):14} {_ranks(groups['cfg']):10} {shard:22}")
         ranks.append({"rank": rank, **groups, "tokens": [start, stop], "padding": padding})
 
-    blocks = [block for blocks in transformer_block_lists(model) for block in blocks]
-    layouts = attention_layouts(blocks, model.token_layout)
+    layouts = attention_layouts(model)
     local_batch = -(-batch // dims.cfg)
     per_step: dict[str, tuple[int, int]] = {}
     if dims.sp > 1:
-        out_features = model.final_layer.linear.out_features
-        per_step = sequence_comm_per_forward(
-            dims.sp_mode,
-            dims.sp_ulysses,
-            dims.sp_ring,
-            layouts,
-            local_batch,
-            frames,
-            spatial,
-            cfg.hidden_size,
-            out_features,
-            element,
+        per_step = model_comm_per_forward(
+            model, dims.sp_mode, dims.sp_ulysses, dims.sp_ring, local_batch, cfg.input_size, element
         )
         for layout in layouts:
             one = sequence_comm_per_forward(
