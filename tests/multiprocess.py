@@ -19,12 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out: str, fn, args) -> None:
+def _worker(rank: int, world_size: int, port: int, out: str, backend: str, fn, args) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    device = None
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device)
     try:
         result = fn(rank, world_size, *args)
         if rank == 0:
@@ -33,9 +37,10 @@ def _worker(rank: int, world_size: int, port: int, out: str, fn, args) -> None:
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn, *args):
-    """`fn(rank, world_size, *args)` on every rank; returns rank 0's result."""
+def run_ranks(world_size: int, fn, *args, backend: str = "gloo"):
+    """`fn(rank, world_size, *args)` on every rank (gloo on CPUs, or nccl with one GPU per rank);
+    returns rank 0's result."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.pt")
-        mp.spawn(_worker, args=(world_size, free_port(), out, fn, args), nprocs=world_size, join=True)
+        mp.spawn(_worker, args=(world_size, free_port(), out, backend, fn, args), nprocs=world_size, join=True)
         return torch.load(out, weights_only=False)

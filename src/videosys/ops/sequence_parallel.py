@@ -50,32 +50,34 @@ def ulysses_attention(
 # ---- Ring attention -------------------------------------------------------------------------------
 
 
+def _uses_flash(q: torch.Tensor) -> bool:
+    return q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
 def _block_forward(q, k, v, scale):
-    """(out, lse) of attention of q to one key block; lse in fp32, shape (B, H, Nq)."""
+    """(out, lse, aux) of attention of q to one key block; lse in fp32, shape (B, H, Nq); aux is
+    what the CUDA flash kernel's backward needs back from its forward (None elsewhere)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-        return out, lse.float()
-    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-        return out, lse.float()
+        return out, lse.float(), None
+    if _uses_flash(q):
+        out, lse, *aux = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+        return out, lse, aux[:6]  # cum_seq_q, cum_seq_k, max_q, max_k, philox seed, philox offset
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     lse = scores.logsumexp(dim=-1)
-    return torch.matmul((scores - lse[..., None]).exp(), v.float()).to(q.dtype), lse
+    return torch.matmul((scores - lse[..., None]).exp(), v.float()).to(q.dtype), lse, None
 
 
-def _block_backward(dout, q, k, v, out, lse, scale):
+def _block_backward(dout, q, k, v, out, lse, scale, aux):
     """Gradients of one key block's share of attention, given the merged output and log-sum-exp."""
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse, 0.0, False, scale=scale
         )
-    if q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
-        # The flash backward needs the philox state only for dropout, which is off.
-        seed = offset = torch.empty(0, dtype=torch.int64, device=q.device)
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
-        n_q, n_k = q.shape[2], k.shape[2]
+    if _uses_flash(q):
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, empty, empty, n_q, n_k, 0.0, False, seed, offset, scale=scale
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset, scale=scale
         )
     qf, kf, vf, df = q.float(), k.float(), v.float(), dout.float()
     p = (torch.matmul(qf, kf.transpose(-2, -1)) * scale - lse[..., None]).exp()
@@ -129,6 +131,7 @@ class _RingAttention(torch.autograd.Function):
             k, v = k.index_select(2, mine), v.index_select(2, mine)
         ring = _Ring(comm)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        aux = [None] * comm.size
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         k_block, v_block = k, v
         for step in range(comm.size):
@@ -136,7 +139,8 @@ class _RingAttention(torch.autograd.Function):
             if step + 1 < comm.size:
                 incoming = ring.shift([k_block, v_block], rows[(owner - 1) % comm.size])
             if rows[owner]:
-                block_out, block_lse = _block_forward(q, k_block, v_block, scale)
+                block_out, block_lse, aux[step] = _block_forward(q, k_block, v_block, scale)
+                block_lse = block_lse.float()
                 merged = torch.logaddexp(lse, block_lse)
                 out = out * (lse - merged).exp()[..., None] + block_out.float() * (block_lse - merged).exp()[..., None]
                 lse = merged
@@ -144,7 +148,7 @@ class _RingAttention(torch.autograd.Function):
                 k_block, v_block = incoming
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.comm, ctx.rows, ctx.scale, ctx.valid = comm, rows, scale, valid
+        ctx.comm, ctx.rows, ctx.scale, ctx.valid, ctx.aux = comm, rows, scale, valid, aux
         return out
 
     @staticmethod
@@ -160,7 +164,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(comm.size):
             owner = (comm.rank - step) % comm.size
             if rows[owner]:
-                dq_i, dk_i, dv_i = _block_backward(dout, q, k_block, v_block, out, lse, scale)
+                dq_i, dk_i, dv_i = _block_backward(dout, q, k_block, v_block, out, lse, scale, ctx.aux[step])
                 dq += dq_i.float()
                 dk_block += dk_i.float()
                 dv_block += dv_i.float()
