@@ -53,6 +53,17 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 600, env: dict | None =
     )
 
 
+def read_checkpoint(path: Path) -> dict:
+    """Every tensor of a (DCP) training checkpoint folder, whole, as nested dicts."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(path), f"{tmp}/whole.pt")
+        return torch.load(f"{tmp}/whole.pt", weights_only=True)
+
+
 def read_losses(run_dir: Path) -> dict[int, float]:
     losses = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

@@ -31,7 +31,7 @@ def test_train_writes_every_output(trained_run: Path):
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert 0.0 <= metrics["class_accuracy"] <= 1.0
     assert metrics["classifier_accuracy_on_real"] > 0.95
-    assert Path(metrics["checkpoint"]).name == "step_0000030.pt"
+    assert Path(metrics["checkpoint"]).name == "step_0000030"
     assert len(read_losses(trained_run)) == 30
     losses = read_losses(trained_run)
     assert sum(losses[s] for s in range(26, 31)) < sum(losses[s] for s in range(1, 6))  # it learns

@@ -9,6 +9,8 @@ import pytest
 import torch
 from diffusers import DiTTransformer2DModel
 
+from videosys.data import Batch
+from videosys.diffusion import SampleDraws
 from videosys.distributed import DistContext, ParallelConfig
 from videosys.errors import ConfigError
 from videosys.models import build_model
@@ -17,6 +19,7 @@ from videosys.ops import KernelsConfig
 from videosys.ops.attention import math_attention, sdpa_attention
 from videosys.parallelize import parallelize
 from videosys.precision import PrecisionConfig
+from videosys.tasks.common import make_conditioning
 
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -144,16 +147,22 @@ def test_init_weights_sets_every_tensor_of_a_meta_built_model():
         assert torch.equal(a, b), name
 
 
-def test_label_dropout_only_in_training_and_null_label_is_extra_row():
+def test_label_dropout_uses_each_samples_own_draws_and_the_null_row():
     model = tiny_model(class_dropout_prob=0.5)
     assert model.null_label == 10 and model.y_embedder.embedding_table.num_embeddings == 11
     labels = torch.arange(10).repeat(20)
-    model.eval()
-    assert torch.equal(model.y_embedder(labels), model.y_embedder.embedding_table(labels))
+    conditioning = make_conditioning(model, None, None, None, 0.0)
+    batch = Batch(torch.zeros(200, 1), labels, [])
+    seeds = list(range(1000, 1200))
+    dropped = conditioning.training_inputs(batch, torch.device("cpu"), SampleDraws(seeds, "cpu"))["y"]
+    assert set(dropped[dropped != labels].tolist()) == {10}
+    assert 0.35 < (dropped == 10).float().mean() < 0.65
+    # A sample's dropout depends on its seed alone, not on the batch it sits in.
+    alone = conditioning.training_inputs(Batch(torch.zeros(1, 1), labels[7:8], []), "cpu", SampleDraws([1007], "cpu"))
+    assert alone["y"].item() == dropped[7].item()
+    # The model itself never drops labels.
     model.train()
-    torch.manual_seed(0)
-    dropped = (model.y_embedder(labels) == model.y_embedder.embedding_table.weight[10]).all(dim=1).float().mean()
-    assert 0.35 < dropped < 0.65
+    assert torch.equal(model.y_embedder(labels), model.y_embedder.embedding_table(labels))
 
 
 def test_attention_backends_agree():

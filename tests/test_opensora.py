@@ -7,8 +7,11 @@ import math
 import pytest
 import torch
 
+from videosys.data import Batch
+from videosys.diffusion import SampleDraws
 from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models.opensora import OpenSora, OpenSoraConfig, load_weights
+from videosys.tasks.common import make_conditioning
 
 
 def tiny(**overrides) -> OpenSora:
@@ -147,12 +150,12 @@ def test_odd_sizes_are_padded_and_cropped_back():
 
 def test_caption_dropout_swaps_in_the_null_caption():
     model = tiny(class_dropout_prob=1.0)
-    model.train()
     x, t, text, mask = inputs()
-    dropped = model(x, t, text, mask)
-    model.eval()
-    null = model.null_text(2)
-    torch.testing.assert_close(dropped, model(x, t, null, mask))
+    conditioning = make_conditioning(model, None, None, None, 0.0)
+    batch = Batch(x, None, [], tensors={"text": text, "text_mask": mask})
+    dropped = conditioning.training_inputs(batch, torch.device("cpu"), SampleDraws([1, 2], "cpu"))
+    torch.testing.assert_close(dropped["text"], model.null_text(2))
+    assert torch.equal(dropped["text_mask"], mask)  # the conditional mask, as published
 
 
 def test_load_weights_round_trip_and_errors(tmp_path):
@@ -187,7 +190,6 @@ def test_config_errors_name_the_key():
 def test_training_step_reaches_every_parameter():
     model = tiny()
     model.train()
-    model.y_embedder.dropout_prob = 0.0
     x, t, text, mask = inputs()
     model(x, t, text, mask).square().mean().backward()
     for name, p in model.named_parameters():

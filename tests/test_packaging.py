@@ -54,7 +54,7 @@ def test_wheel_carries_configs_and_runs_when_installed(tmp_path: Path):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir / "checkpoints" / "step_0000004.pt").is_file()
+    assert (run_dir / "checkpoints" / "step_0000004" / "meta.pt").is_file()
 
 
 def test_console_script_is_installed():

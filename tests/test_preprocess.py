@@ -119,7 +119,7 @@ def test_latent_cache_holds_the_vae_posterior_mean(tmp_path: Path, grey_vae, mov
     # Training on the latents takes its geometry from the cache.
     train_dir = tmp_path / "train"
     out = run_inprocess([*TRAIN, f"data.path={cache}", "task.steps=1", "task.batch_size=2"], train_dir)
-    model_cfg = ckpt_io.load_checkpoint(Path(out["checkpoint"]))["model_config"]
+    model_cfg = ckpt_io.read_meta(Path(out["checkpoint"]))["model_config"]
     assert (model_cfg["in_channels"], model_cfg["input_size"]) == (4, [8, 8, 8])
 
 
@@ -136,7 +136,7 @@ def test_training_from_the_cache(tmp_path: Path, pixel_cache):
     metrics = run_inprocess([*TRAIN, f"data.path={pixel_cache[1]}", "task.log_every=1"], tmp_path)
     assert metrics["steps"] == 2 and metrics["skipped_samples"] == 0
     assert math.isfinite(metrics["final_loss"])
-    model_cfg = ckpt_io.load_checkpoint(Path(metrics["checkpoint"]))["model_config"]
+    model_cfg = ckpt_io.read_meta(Path(metrics["checkpoint"]))["model_config"]
     assert (model_cfg["in_channels"], model_cfg["input_size"], model_cfg["caption_channels"]) == (1, [8, 16, 16], 64)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, read_losses, run_inprocess
+from conftest import TINY, read_checkpoint, read_losses, run_inprocess
 from videosys.errors import ConfigError
 from videosys.precision import PrecisionConfig, make_grad_scaler
 from videosys.tasks import checkpoint as ckpt_io
@@ -36,17 +36,17 @@ def test_stopped_and_resumed_run_has_the_same_losses(tmp_path: Path, data, reque
     run_inprocess([*RESUMABLE, *data], straight)
     # Stop after the step-3 checkpoint ...
     run_inprocess([*RESUMABLE, *data, "task.steps=3"], resumed)
-    assert [p.name for p in ckpt_io.list_checkpoints(resumed / "checkpoints")] == ["step_0000003.pt"]
+    assert [p.name for p in ckpt_io.list_checkpoints(resumed / "checkpoints")] == ["step_0000003"]
     # ... and resume in a fresh run of the same directory.
     metrics = run_inprocess([*RESUMABLE, *data, "resume=auto"], resumed)
     assert metrics["resumed_from_step"] == 3
     expected, actual = read_losses(straight), read_losses(resumed)
     assert sorted(actual) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     assert actual == expected  # bit-for-bit on CPU
-    final_a = torch.load(straight / "checkpoints/step_0000006.pt", weights_only=True)
-    final_b = torch.load(resumed / "checkpoints/step_0000006.pt", weights_only=True)
-    for key, value in final_a["ema"]["model"].items():
-        assert torch.equal(value, final_b["ema"]["model"][key]), key
+    final_a = read_checkpoint(straight / "checkpoints/step_0000006")
+    final_b = read_checkpoint(resumed / "checkpoints/step_0000006")
+    for key, value in final_a["ema"].items():
+        assert torch.equal(value, final_b["ema"][key]), key
 
 
 def test_resume_after_a_crash_past_the_checkpoint_rewinds_the_metrics(tmp_path: Path):
@@ -54,7 +54,7 @@ def test_resume_after_a_crash_past_the_checkpoint_rewinds_the_metrics(tmp_path: 
     run_inprocess(RESUMABLE, run_dir)
     straight = read_losses(run_dir)
     # A crash after step 5 loses the step-6 checkpoint but metrics.jsonl already has steps 4..6.
-    (run_dir / "checkpoints/step_0000006.pt").unlink()
+    shutil.rmtree(run_dir / "checkpoints/step_0000006")
     run_inprocess([*RESUMABLE, "resume=auto"], run_dir)
     lines = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert lines == [1, 2, 3, 4, 5, 6]
@@ -64,7 +64,7 @@ def test_resume_after_a_crash_past_the_checkpoint_rewinds_the_metrics(tmp_path: 
 def test_resume_from_an_explicit_checkpoint_of_another_run(tmp_path: Path):
     first = tmp_path / "first"
     run_inprocess(RESUMABLE, first)
-    metrics = run_inprocess([*RESUMABLE, f"resume={first}/checkpoints/step_0000003.pt"], tmp_path / "second")
+    metrics = run_inprocess([*RESUMABLE, f"resume={first}/checkpoints/step_0000003"], tmp_path / "second")
     assert metrics["resumed_from_step"] == 3
     assert read_losses(tmp_path / "second") == {s: v for s, v in read_losses(first).items() if s > 3}
 
@@ -95,12 +95,12 @@ def test_mixed_precision_tracks_fp32(tmp_path: Path, precision):
     assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
     # Same data, noise and init: the first step's loss differs only by rounding.
     assert losses[1] == pytest.approx(reference[1], rel=0.03)
-    state = torch.load(tmp_path / precision / "checkpoints/step_0000004.pt", weights_only=True)
-    assert all(v.dtype == torch.float32 for v in state["ema"]["model"].values())
+    state = read_checkpoint(tmp_path / precision / "checkpoints/step_0000004")
+    assert all(v.dtype == torch.float32 for v in state["ema"].values())
     assert all(v.dtype == torch.float32 for v in state["model"].values())
 
 
-def _deterministic_objective(model, x, inputs):
+def _deterministic_objective(model, x, inputs, draws):
     """Stands in for the diffusion loss: a fixed function of the batch, so accumulation is testable."""
     return (model(x) - inputs["y"].float().view(-1, 1)).square().mean(dim=1)
 
@@ -114,7 +114,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         model = torch.nn.Linear(5, 1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         fp32 = PrecisionConfig()
-        micro = [(xc, {"y": yc}) for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True)]
+        micro = [(xc, {"y": yc}, None) for xc, yc in zip(x.chunk(chunks), y.chunk(chunks), strict=True)]
         loss, _ = optimizer_step(
             model, _deterministic_objective, micro, optimizer, make_grad_scaler(fp32, x.device), fp32, 0.0
         )
@@ -127,13 +127,15 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_ema_update_rule():
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.9, warmup=False)
-    before = [p.detach().clone() for p in ema.model.parameters()]
+    before = {name: value.clone() for name, value in ema.shadow.items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model)
-    for old, new, current in zip(before, ema.model.parameters(), model.parameters(), strict=True):
-        torch.testing.assert_close(new, 0.9 * old + 0.1 * current)
+    for name, current in model.named_parameters():
+        torch.testing.assert_close(ema.shadow[name], 0.9 * before[name] + 0.1 * current)
+    ema.copy_to(model)
+    assert torch.equal(model.weight, ema.shadow["weight"])
     warm = EMA(model, decay=0.9999, warmup=True)
     assert warm.current_decay() == pytest.approx(0.1)
 
@@ -157,8 +159,8 @@ def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch):
 def test_checkpoints_are_pruned_to_keep_last(tmp_path: Path):
     run_inprocess([*RESUMABLE, "task.ckpt_every=1", "task.keep_last=2"], tmp_path / "run")
     assert [p.name for p in ckpt_io.list_checkpoints(tmp_path / "run/checkpoints")] == [
-        "step_0000005.pt",
-        "step_0000006.pt",
+        "step_0000005",
+        "step_0000006",
     ]
 
 
@@ -184,7 +186,7 @@ def test_latent_training_on_an_image_folder_with_a_local_vae(tmp_path: Path, ima
         "sampling.num_per_class=3",
     ]
     metrics = run_inprocess(overrides, tmp_path / "run")
-    state = torch.load(metrics["checkpoint"], weights_only=True)
+    state = ckpt_io.read_meta(Path(metrics["checkpoint"]))
     # The model works on the VAE's latent: 4 channels at half the image size, 2 classes from the folders.
     assert (state["model_config"]["in_channels"], state["model_config"]["input_size"]) == (4, 8)
     assert state["model_config"]["num_classes"] == 2
@@ -280,3 +282,26 @@ def test_sampling_from_a_plain_state_dict_takes_geometry_from_the_data(tmp_path:
         tmp_path / "run",
     )
     assert torch.load(metrics["samples_pt"], weights_only=True)["images"].shape == (3, 2, 8, 8)
+
+
+def test_interrupted_saves_are_not_checkpoints(tmp_path: Path):
+    run_inprocess([*RESUMABLE, "task.steps=3"], tmp_path / "run")
+    folder = tmp_path / "run/checkpoints"
+    shutil.copytree(folder / "step_0000003", folder / ".step_0000006.tmp")  # a save that never finished
+    shutil.copytree(folder / "step_0000003", folder / "step_0000005")
+    (folder / "step_0000005/meta.pt").unlink()  # rank 0 died before writing its metadata
+    assert [p.name for p in ckpt_io.list_checkpoints(folder)] == ["step_0000003"]
+    assert ckpt_io.resolve_resume("auto", tmp_path / "run").name == "step_0000003"
+
+
+def test_a_file_given_as_checkpoint_is_refused(tmp_path: Path):
+    weights = tmp_path / "old.pt"
+    torch.save({"model": {}}, weights)
+    with pytest.raises(ConfigError, match="resume=.*old.pt is a file; VideoSys checkpoints are step_\\* folders"):
+        run_inprocess([*TINY, f"resume={weights}"], tmp_path / "run")
+
+
+def test_offload_without_gpus_is_refused_before_work(tmp_path: Path):
+    with pytest.raises(ConfigError, match="parallel.offload=true on device=cpu.*set parallel.offload=false"):
+        run_inprocess([*TINY, "parallel.offload=true"], tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

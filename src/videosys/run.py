@@ -8,9 +8,12 @@ module that sees the whole config, and the only one that imports Hydra or OmegaC
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from videosys.cache import PABConfig
 from videosys.data import DATA_CONFIGS
 from videosys.diffusion import DiffusionConfig, SamplingConfig
-from videosys.distributed import ParallelConfig, init_distributed
+from videosys.distributed import ParallelConfig, init_distributed, shutdown_distributed
 from videosys.encoders import TextEncoderConfig, VAEConfig
 from videosys.errors import ConfigError
 from videosys.models import MODELS
@@ -161,11 +164,12 @@ def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
         return plan_only(cfg)
     dist = init_distributed(cfg.parallel, cfg.device)
     if dist.world_size > 1:
-        raise ConfigError(
-            f"parallel={cfg.parallel.name} on {dist.world_size} processes: the parallel runtime "
-            "(videosys.distributed, videosys.parallelize) is built and tested, but the train, sample and bench "
-            "tasks do not run on several processes yet; run one process with parallel=none"
-        )
+        if isinstance(cfg.task, PreprocessTaskConfig):
+            raise ConfigError(
+                f"task=preprocess on {dist.world_size} processes: the cache is written by one process; "
+                "run it without torchrun (parallel=none)"
+            )
+        run_dir = agree_on_run_dir(run_dir, dist.is_main)
     seed_everything(cfg.seed)  # the same on every rank: replicas must start from identical weights
     tracker = build_tracker(cfg.logger, run_dir, resolved, dist.is_main)
     ctx = RunContext(dist=dist, run_dir=run_dir, seed=cfg.seed, tracker=tracker)
@@ -199,6 +203,32 @@ def execute(cfg: RunConfig, run_dir: Path, resolved: dict) -> dict:
     raise ConfigError(
         f"task.name={cfg.task.name!r} is not known; use task=train, task=sample, task=bench or task=preprocess"
     )
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Only rank 0 logs: other ranks drop the log file Hydra opened for them and report warnings only."""
+    if rank == 0:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(logging.WARNING)
+
+
+def agree_on_run_dir(run_dir: Path, is_main: bool) -> Path:
+    """Every rank takes rank 0's run directory. Hydra names it from the clock in each process, so a
+    rank that started in another second made a directory of its own: remove what Hydra put there."""
+    shared = [str(run_dir)]
+    torch.distributed.broadcast_object_list(shared)
+    agreed = Path(shared[0])
+    if not is_main and agreed.resolve() != run_dir.resolve():
+        shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+        (run_dir / "videosys.log").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if nothing else is there
+    return agreed
 
 
 def plan_only(cfg: RunConfig) -> dict:
@@ -236,15 +266,20 @@ register_schemas(ConfigStore.instance())
 @hydra.main(version_base=None, config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> dict | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    quiet_other_ranks(rank)
     try:
         run_cfg = to_run_config(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         metrics = execute(run_cfg, run_dir, resolved)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
-        print(f"videosys: error: {err}", file=sys.stderr, flush=True)
+        if rank == 0:
+            print(f"videosys: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-    if not run_cfg.dry_run:
+    finally:
+        shutdown_distributed()
+    if not run_cfg.dry_run and rank == 0:
         report(run_cfg.task.name, run_dir, metrics)
     return metrics
 

@@ -1,5 +1,6 @@
 """Training objectives and samplers; nothing here knows about parallelism."""
 
+from videosys.diffusion.draws import SampleDraws
 from videosys.diffusion.flow import RectifiedFlow
 from videosys.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
 from videosys.diffusion.sampling import (
@@ -15,6 +16,7 @@ __all__ = [
     "DiffusionConfig",
     "GaussianDiffusion",
     "RectifiedFlow",
+    "SampleDraws",
     "Sampler",
     "SamplingConfig",
     "denoise_loop",

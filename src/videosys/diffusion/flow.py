@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from videosys.diffusion.draws import SampleDraws, check_draws
 from videosys.errors import ConfigError
 
 
@@ -44,20 +45,26 @@ class RectifiedFlow:
         self.shift_scale = shift_scale
         self.base_pixels = base_pixels
 
-    def sample_noise_levels(self, batch: int, device: torch.device, pixels: float, frames: int) -> torch.Tensor:
+    def sample_noise_levels(
+        self, batch: int, device: torch.device, pixels: float, frames: int, draws: SampleDraws | None = None
+    ) -> torch.Tensor:
         if self.t_sampling == "logit-normal":
-            s = torch.sigmoid(torch.randn(batch, device=device))
+            s = torch.sigmoid(torch.randn(batch, device=device) if draws is None else draws.normal())
         else:
-            s = torch.rand(batch, device=device)
+            s = torch.rand(batch, device=device) if draws is None else draws.uniform()
         if self.timestep_shift:
             s = shift_timesteps(s, pixels, frames, self.base_pixels, self.shift_scale)
         return s
 
-    def training_loss(self, model, x0: torch.Tensor, *, pixels: float, **model_kwargs) -> torch.Tensor:
-        """Per-sample velocity MSE. `pixels` is the clip's height x width in pixels (for the shift)."""
+    def training_loss(
+        self, model, x0: torch.Tensor, *, pixels: float, draws: SampleDraws | None = None, **model_kwargs
+    ) -> torch.Tensor:
+        """Per-sample velocity MSE. `pixels` is the clip's height x width in pixels (for the shift).
+        Noise levels and noise come from `draws` (one generator per sample) or else the global RNG."""
+        check_draws(draws, x0.shape[0])
         frames = x0.shape[2] if x0.ndim == 5 else 1
-        s = self.sample_noise_levels(x0.shape[0], x0.device, pixels, frames)
-        noise = torch.randn_like(x0)
+        s = self.sample_noise_levels(x0.shape[0], x0.device, pixels, frames, draws)
+        noise = torch.randn_like(x0) if draws is None else draws.normal(x0.shape[1:], x0.dtype)
         s_b = s.view(-1, *([1] * (x0.ndim - 1)))
         x_t = (1 - s_b) * x0 + s_b * noise
         out = model(x_t, s * self.num_timesteps, **model_kwargs).float()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from videosys.diffusion.draws import SampleDraws, check_draws
 from videosys.errors import ConfigError
 
 OBJECTIVES = ("eps", "v", "flow")
@@ -166,7 +167,9 @@ class GaussianDiffusion:
         self.posterior_mean_coef2 = table((1.0 - alpha_bar_prev) * (1.0 - betas).sqrt() / (1.0 - alpha_bar))
         self.log_betas = table(torch.log(betas))
 
-    def sample_timesteps(self, batch: int, device: torch.device) -> torch.Tensor:
+    def sample_timesteps(self, batch: int, device: torch.device, draws: SampleDraws | None = None) -> torch.Tensor:
+        if draws is not None:
+            return draws.integers(self.num_timesteps)
         return torch.randint(0, self.num_timesteps, (batch,), device=device)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -197,11 +200,13 @@ class GaussianDiffusion:
         nll = -_mean_per_sample(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def training_loss(self, model, x0: torch.Tensor, **model_kwargs) -> torch.Tensor:
+    def training_loss(self, model, x0: torch.Tensor, draws: SampleDraws | None = None, **model_kwargs) -> torch.Tensor:
         """Per-sample loss for a batch of clean data: epsilon MSE (+ VLB for learned variance), or the
-        v-prediction MSE (v = sqrt(a) noise - sqrt(1 - a) x0; equal to the x0 error weighted by 1 / (1 - a))."""
-        t = self.sample_timesteps(x0.shape[0], x0.device)
-        noise = torch.randn_like(x0)
+        v-prediction MSE (v = sqrt(a) noise - sqrt(1 - a) x0; equal to the x0 error weighted by 1 / (1 - a)).
+        Timesteps and noise come from `draws` (one generator per sample) or else the global RNG."""
+        check_draws(draws, x0.shape[0])
+        t = self.sample_timesteps(x0.shape[0], x0.device, draws)
+        noise = torch.randn_like(x0) if draws is None else draws.normal(x0.shape[1:], x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         out = model(x_t, t, **model_kwargs).float()
         channels = x0.shape[1]

@@ -46,6 +46,7 @@ GROUPS = {
     "sp": ("sp_ring", "sp_ulysses"),
     "dp": ("dp_replicate", "dp_shard"),
     "fsdp": ("dp_shard", "sp_ring", "sp_ulysses"),  # training: parameters shard over dp_shard and sp ranks
+    "world": MESH_DIMS,  # every rank: work that all ranks share (VAE decode of identical latents)
 }
 
 

@@ -162,3 +162,39 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: CommGro
 def all_gather_batch(x: torch.Tensor, comm: CommGroup) -> torch.Tensor:
     """Concatenate every rank's `x` along dim 0 (forward only: used by sampling)."""
     return _all_gather(x, 0, comm)
+
+
+@torch.no_grad()
+def split_work(x: torch.Tensor, dim: int, comm: CommGroup, work) -> torch.Tensor:
+    """Run `work` on this rank's chunk of `x` along `dim` and concatenate every rank's result there
+    (forward only). Every rank holds the same `x`; chunks are padded so any length works, and the
+    padding is cut off the result, so the output equals `work(x)` for any `work` that treats the
+    entries along `dim` independently (a VAE decode per clip or per frame)."""
+    if comm.size == 1:
+        return work(x)
+    length = x.shape[dim]
+    out = work(_local_chunk(x, dim, comm))
+    return _all_gather(out, dim, comm).narrow(dim, 0, length)
+
+
+def broadcast_tensors(
+    tensors: dict[str, torch.Tensor] | None, comm: CommGroup, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Rank 0 of `comm` sends its dict of tensors to the other ranks of `comm` (which pass None), so
+    that work like text encoding is done once per group. Shapes travel first, then the data."""
+    if comm.size == 1:
+        return tensors
+    source = dist.get_global_rank(comm.group, 0)
+    header = [None if tensors is None else {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}]
+    dist.broadcast_object_list(header, src=source, group=comm.group, device=device)
+    out = {}
+    for key, (shape, dtype) in header[0].items():
+        wire = torch.uint8 if dtype == torch.bool else dtype  # not every backend sends bool
+        if comm.rank == 0:
+            buffer = tensors[key].to(device=device, dtype=wire).contiguous()
+        else:
+            buffer = torch.empty(shape, dtype=wire, device=device)
+        comm.count("broadcast", buffer)
+        dist.broadcast(buffer, src=source, group=comm.group)
+        out[key] = buffer.to(dtype)
+    return out

@@ -80,9 +80,9 @@ class LatentCodec:
         self.geometry = latent_geometry(cfg)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         posterior = self.vae.encode(images.to(self.dtype)).latent_dist
-        return (posterior.sample() * self.scaling_factor).float()
+        return (posterior.sample(generator=generator) * self.scaling_factor).float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -578,6 +578,11 @@ class VideoCodec:
         return self._frames_out(torch.cat(out), batch)
 
     # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def frame_wise(self) -> bool:
+        """Whether decode treats every latent frame on its own (so frames may be decoded apart)."""
+        return self.kind == "kl"
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):

@@ -143,8 +143,9 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """Class-label embedding with one extra 'null' row (index num_classes) for classifier-free guidance.
 
-    During training a fraction `dropout_prob` of labels is replaced by the null label, so the same
-    network learns the unconditional model that guidance contrasts against.
+    A model built with `dropout_prob` > 0 has the null row; training replaces that fraction of labels
+    by it (in `videosys.tasks.conditioning`, from each sample's own draws), so the same network
+    learns the unconditional model that guidance contrasts against.
     """
 
     def __init__(self, num_classes: int, dim: int, dropout_prob: float):
@@ -160,9 +161,6 @@ class LabelEmbedder(nn.Module):
         return self.num_classes
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)
 
 

@@ -129,7 +129,8 @@ class _RotaryFrequencies(nn.Module):
 
 
 class CaptionEmbedder(nn.Module):
-    """Projects text embeddings to the hidden size; holds the fixed null caption used for dropout and CFG."""
+    """Projects text embeddings to the hidden size; holds the fixed null caption used for CFG, which
+    training swaps in for a `dropout_prob` fraction of captions (in `videosys.tasks.conditioning`)."""
 
     def __init__(self, caption_channels: int, hidden_size: int, token_num: int, dropout_prob: float):
         super().__init__()
@@ -138,13 +139,6 @@ class CaptionEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            if text.shape[1:] != self.y_embedding.shape:
-                raise ValueError(
-                    f"caption dropout needs text of shape {tuple(self.y_embedding.shape)}, got {tuple(text.shape[1:])}"
-                )
-            drop = torch.rand(text.shape[0], device=text.device) < self.dropout_prob
-            text = torch.where(drop[:, None, None], self.y_embedding.to(text.dtype), text)
         return self.y_proj(text)
 
 

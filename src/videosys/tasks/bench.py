@@ -27,6 +27,7 @@ from videosys.encoders import VAEConfig
 from videosys.errors import ConfigError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
+from videosys.parallelize import shard_parameters
 from videosys.precision import PrecisionConfig, autocast, make_grad_scaler
 from videosys.tasks.common import RunContext, prepare_model, resolve_model_config
 from videosys.tasks.train import OptimizerConfig, make_optimizer, optimizer_step
@@ -49,7 +50,7 @@ PEAK_TFLOPS_16BIT = {
 class BenchTaskConfig:
     name: str = "bench"
     mode: str = "train"  # train: forward + backward + optimizer step; forward: one inference forward
-    batch_size: int = 32
+    batch_size: int = 32  # per data-parallel rank
     warmup_steps: int = 5
     steps: int = 20
     peak_tflops: float | None = None  # None: known GPUs' dense 16-bit peak (bf16/fp16 only)
@@ -146,12 +147,15 @@ def bench(
 
     if task.mode == "train":
         model.train()
+        shard_parameters(model, ctx.dist, parallel)
         optimizer = make_optimizer(model, optimizer_cfg, device)
         scaler = make_grad_scaler(precision, device)
 
         def step() -> None:
-            objective = lambda m, x0, inputs: diffusion.training_loss(m, x0, **inputs)  # noqa: E731
-            optimizer_step(model, objective, [(x, {"y": y})], optimizer, scaler, precision, optimizer_cfg.grad_clip)
+            objective = lambda m, x0, inputs, draws: diffusion.training_loss(m, x0, draws, **inputs)  # noqa: E731
+            optimizer_step(
+                model, objective, [(x, {"y": y}, None)], optimizer, scaler, precision, optimizer_cfg.grad_clip
+            )
     else:
         model.eval()
         step = forward
@@ -200,7 +204,8 @@ def bench(
             "min": min(latencies) * 1e3,
             "max": max(latencies) * 1e3,
         },
-        "samples_per_second": task.batch_size / mean,
+        # task.batch_size is per data-parallel rank; sequence-parallel ranks share their samples.
+        "samples_per_second": task.batch_size * ctx.dist.dims.dp / mean,
         "tflop_per_step": model_flops / 1e12,
         "executed_tflop_per_step": executed_flops / 1e12,
         "achieved_tflops": achieved,

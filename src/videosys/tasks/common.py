@@ -3,7 +3,6 @@ sample generation and writing its outputs."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from videosys.data import DataSpec
 from videosys.diffusion import (
@@ -25,7 +25,9 @@ from videosys.diffusion import (
     sample_class_conditional,
 )
 from videosys.distributed import DistContext, ParallelConfig
+from videosys.distributed.collectives import broadcast_tensors, split_work
 from videosys.encoders import (
+    LabelConditioner,
     LatentCodec,
     TextConditioner,
     TextEncoderConfig,
@@ -38,8 +40,9 @@ from videosys.encoders import (
 from videosys.errors import ConfigError
 from videosys.models import build_model, model_entry
 from videosys.ops import KernelsConfig
-from videosys.parallelize import parallelize
+from videosys.parallelize import cfg_parallel, parallelize
 from videosys.precision import PrecisionConfig, autocast
+from videosys.tasks import checkpoint as ckpt_io
 from videosys.tasks.conditioning import ClassConditioning, TextConditioning, model_accepts
 from videosys.tasks.media import save_image_grid, save_video_grid
 from videosys.tasks.tracking import Tracker
@@ -151,13 +154,38 @@ def prepare_model(
 
 
 def load_external_weights(model: nn.Module, model_cfg) -> None:
-    if model_cfg.weights:
+    """model.weights: a VideoSys checkpoint folder (its EMA weights), or the model's published formats."""
+    if not model_cfg.weights:
+        return
+    if ckpt_io.is_checkpoint(Path(model_cfg.weights).expanduser()):
+        load_checkpoint_weights(model, Path(model_cfg.weights).expanduser(), use_ema=True)
+    else:
         model_entry(model_cfg.name).load_weights(model, model_cfg.weights)
-        log.info("loaded weights from %s", model_cfg.weights)
+    log.info("loaded weights from %s", model_cfg.weights)
+
+
+def load_checkpoint_weights(model, path, use_ema: bool) -> None:
+    """The model weights of a training checkpoint, at any world size: the raw weights (parameters and
+    buffers), then the EMA averages over the parameters when `use_ema`."""
+    tensors = {"model": model.state_dict()}
+    if use_ema:
+        tensors["ema"] = {parameter_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    ckpt_io.load_tensors(path, tensors)
+    model.load_state_dict(tensors["model"])
+    if use_ema:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(tensors["ema"][parameter_name(name)])
+
+
+def parameter_name(name: str) -> str:
+    """A parameter's state-dict name (activation-checkpoint wrappers keep state-dict names unchanged)."""
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 class EMA:
-    """Exponential moving average of the parameters, kept in fp32 in its own model copy.
+    """Exponential moving average of the parameters, in fp32, held exactly as the parameters are held:
+    whole in one process, as the same DTensor shards under FSDP2 (so ZeRO shards it too).
 
     With `warmup`, the decay ramps as (1 + n) / (10 + n) towards `decay`, so short runs are not
     dominated by the random initialisation.
@@ -166,29 +194,35 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ConfigError(f"task.ema_decay={decay} must be in [0, 1)")
-        self.model = copy.deepcopy(model).float().requires_grad_(False).eval()
         self.decay = decay
         self.warmup = warmup
         self.num_updates = 0
-        self._ema_params = list(self.model.parameters())
+        with torch.no_grad():
+            self.shadow = {parameter_name(n): p.detach().float().clone() for n, p in model.named_parameters()}
 
     def current_decay(self) -> float:
         if self.warmup:
             return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
         return self.decay
 
+    @staticmethod
+    def _local(tensors):
+        # The local shards of DTensors: the update is elementwise, so each rank updates its own.
+        return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         weight = 1.0 - self.current_decay()
-        torch._foreach_lerp_(self._ema_params, [p.detach().float() for p in model.parameters()], weight)
+        current = [p.detach().float() for p in self._local(model.parameters())]
+        torch._foreach_lerp_(self._local(self.shadow.values()), current, weight)
         self.num_updates += 1
 
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.num_updates = state["num_updates"]
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's parameters with the averages (to sample with the EMA weights)."""
+        for name, p in model.named_parameters():
+            target, source = self._local([p, self.shadow[parameter_name(name)]])
+            target.copy_(source)
 
 
 def denoiser(model: nn.Module, precision: PrecisionConfig, device: torch.device):
@@ -205,12 +239,17 @@ def generate_class_samples(
     sampling: SamplingConfig,
     diffusion: DiffusionConfig,
     precision: PrecisionConfig,
-    device: torch.device,
+    dist: DistContext,
     codec: LatentCodec | None,
     cache=None,
 ) -> dict[str, torch.Tensor]:
     """Sample `num_per_class` images of each requested class; returns images in [-1, 1] (decoded
-    through the VAE when there is one), their labels, and the raw model-space samples."""
+    through the VAE when there is one), their labels, and the raw model-space samples.
+
+    Every rank runs the same loop on the same noise: the model splits its own work over sequence
+    ranks, the conditional and unconditional halves go to the two cfg ranks, and the decode is
+    split over all ranks, so every rank ends with the same samples."""
+    device = dist.device
     num_classes = model.config.num_classes
     classes = list(range(num_classes)) if sampling.classes is None else list(sampling.classes)
     bad = [c for c in classes if not 0 <= c < num_classes]
@@ -223,7 +262,7 @@ def generate_class_samples(
     generator = torch.Generator(device).manual_seed(sampling.seed)
     shape = (model.in_channels, model.input_size, model.input_size)
     model.eval()
-    run = denoiser(model, precision, device)
+    run = cfg_parallel(denoiser(model, precision, device), dist)
     chunks = []
     for chunk in labels.split(sampling.batch_size):
         sampler = make_sampler(sampling, diffusion, model.learn_sigma, clip)
@@ -240,8 +279,52 @@ def generate_class_samples(
             )
         )
     latents = torch.cat(chunks)
-    images = codec.decode(latents) if codec is not None else latents.clamp(-1, 1)
+    images = decode_across_ranks(codec, latents, dist) if codec is not None else latents.clamp(-1, 1)
     return {"images": images.cpu(), "labels": labels.cpu(), "latents": latents.cpu()}
+
+
+def decode_across_ranks(codec, latents: torch.Tensor, dist: DistContext) -> torch.Tensor:
+    """The VAE decode of latents that every rank holds, split over all ranks: by frame for a
+    frame-by-frame VAE, else by clip (or image)."""
+    dim = 2 if getattr(codec, "frame_wise", False) else 0
+    return split_work(latents, dim, dist.comm("world"), codec.decode)
+
+
+class SharedTextEncoder(TextConditioner):
+    """A text encoder whose work is done once per group of ranks that share their prompts: rank 0 of
+    `comm` encodes and sends the embeddings to the others. Every rank of the group must call it
+    together."""
+
+    def __init__(self, inner: TextConditioner, comm, device: torch.device):
+        self.inner, self.comm, self.transfer_device = inner, comm, device
+        self.dim, self.max_length, self.device = inner.dim, inner.max_length, inner.device
+        self._nulls: dict = {}
+
+    def encode(self, prompts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        local = None
+        if self.comm.rank == 0:
+            text, mask = self.inner.encode(prompts, self.transfer_device)
+            local = {"text": text, "mask": mask}
+        out = broadcast_tensors(local, self.comm, self.transfer_device)
+        target = self.device if device is None else torch.device(device)
+        return out["text"].to(target), out["mask"].to(target)
+
+    def null(self, batch: int, device: torch.device | None = None, length: int | None = None):
+        if length is not None and length != self.max_length:
+            raise ValueError(f"{type(self.inner).__name__} gives {self.max_length} tokens per prompt, not {length}")
+        target = self.device if device is None else torch.device(device)
+        if target not in self._nulls:
+            self._nulls[target] = self.encode([""], target)
+        emb, mask = self._nulls[target]
+        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
+
+
+def encode_once_per_group(conditioner, comm, device: torch.device):
+    """Wrap a text encoder so that a group of ranks sharing their prompts encodes them once. Label
+    conditioners (a table lookup) are left as they are."""
+    if conditioner is None or comm.size == 1 or isinstance(conditioner, LabelConditioner):
+        return conditioner
+    return SharedTextEncoder(conditioner, comm, device)
 
 
 def write_samples(samples: dict[str, torch.Tensor], sampling: SamplingConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -256,7 +339,8 @@ def write_samples(samples: dict[str, torch.Tensor], sampling: SamplingConfig, ru
 def sample_and_score(
     model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int, conditioning=None
 ) -> dict:
-    """Guided samples of every requested class (or prompt), written out, and scored when the dataset can."""
+    """Guided samples of every requested class (or prompt), written out, and scored when the dataset can.
+    Collective: every rank generates; rank 0 writes, scores and returns the metrics."""
     started = time.perf_counter()
     evaluator = getattr(dataset, "evaluator", None)
     if isinstance(conditioning, TextConditioning):
@@ -264,6 +348,8 @@ def sample_and_score(
         samples = generate_text_samples(
             model, conditioning, prompts, sampling, diffusion_cfg, precision, ctx, codec, cache
         )
+        if not ctx.dist.is_main:
+            return {}
         fps = getattr(dataset, "fps", None) or getattr(getattr(dataset, "cfg", None), "fps", None) or 8
         paths = write_video_samples(samples, sampling, ctx.run_dir, fps)
         out = {f"samples_{suffix}": str(path) for suffix, path in paths.items()}
@@ -276,7 +362,9 @@ def sample_and_score(
                     out[key] = float(getattr(evaluator, key))
             log.info("scores of generated samples: %s", ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return out
-    samples = generate_class_samples(model, sampling, diffusion_cfg, precision, ctx.device, codec, cache)
+    samples = generate_class_samples(model, sampling, diffusion_cfg, precision, ctx.dist, codec, cache)
+    if not ctx.dist.is_main:
+        return {}
     grid, tensors = write_samples(samples, sampling, ctx.run_dir)
     ctx.tracker.log_image("samples", grid, step=step)
     out = {
@@ -323,7 +411,8 @@ def text_geometry(conditioner: TextConditioner | None, spec: DataSpec | None) ->
 def make_conditioning(model: nn.Module, conditioner, spec: DataSpec | None, dataset, caption_dropout: float):
     """Class labels for class-conditional models, text for the others."""
     if model_entry(model.config.name).conditioning == "class":
-        return ClassConditioning(model.null_label)
+        dropout_prob = model.config.class_dropout_prob
+        return ClassConditioning(model.null_label if dropout_prob > 0 else None, dropout_prob)
     extra = {}
     if spec is not None and spec.fps and model_accepts(model, "fps"):
         extra["fps"] = float(spec.fps)
@@ -344,7 +433,7 @@ def model_diffusion_defaults(model: nn.Module) -> dict:
 
 
 def make_objective(diffusion_cfg: DiffusionConfig, model: nn.Module, device: torch.device, pixels: float):
-    """loss(model, x0, inputs) -> per-sample loss, for the (resolved) objective."""
+    """loss(model, x0, inputs, draws) -> per-sample loss, for the (resolved) objective."""
     if diffusion_cfg.objective == "flow":
         flow = RectifiedFlow(
             diffusion_cfg.num_train_timesteps,
@@ -353,9 +442,9 @@ def make_objective(diffusion_cfg: DiffusionConfig, model: nn.Module, device: tor
             diffusion_cfg.flow_shift_scale,
             diffusion_cfg.flow_base_pixels,
         )
-        return lambda m, x, inputs: flow.training_loss(m, x, pixels=pixels, **inputs)
+        return lambda m, x, inputs, draws=None: flow.training_loss(m, x, pixels=pixels, draws=draws, **inputs)
     diffusion = GaussianDiffusion(diffusion_cfg, model.learn_sigma, device)
-    return lambda m, x, inputs: diffusion.training_loss(m, x, **inputs)
+    return lambda m, x, inputs, draws=None: diffusion.training_loss(m, x, draws, **inputs)
 
 
 def pixel_area(model_cfg) -> float:
@@ -409,6 +498,7 @@ def generate_text_samples(
     clip = sampling.clip_denoised if sampling.clip_denoised is not None else codec is None
     generator = torch.Generator(device).manual_seed(sampling.seed)
     guided_run = sampling.cfg_scale != 1.0
+    run_guided = cfg_parallel(model, ctx.dist)  # the [conditional; unconditional] halves on the cfg ranks
     model.eval()
     chunks = []
     for start in range(0, len(all_prompts), sampling.batch_size):
@@ -429,12 +519,12 @@ def generate_text_samples(
             with autocast(precision, device):
                 if not guided_run:
                     return model(x, t, **inputs)
-                out = model(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
+                out = run_guided(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
             return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
 
         chunks.append(denoise_loop(predict, noise, sampler, generator, cache))
     latents = torch.cat(chunks)
-    videos = codec.decode(latents) if codec is not None else latents.clamp(-1, 1)
+    videos = decode_across_ranks(codec, latents, ctx.dist) if codec is not None else latents.clamp(-1, 1)
     return {"videos": videos.float().cpu(), "prompts": all_prompts, "latents": latents.cpu()}
 
 

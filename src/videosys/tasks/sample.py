@@ -20,6 +20,8 @@ from videosys.precision import PrecisionConfig
 from videosys.tasks import checkpoint as ckpt_io
 from videosys.tasks.common import (
     RunContext,
+    encode_once_per_group,
+    load_checkpoint_weights,
     load_external_weights,
     make_codec,
     make_conditioning,
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class SampleTaskConfig:
     name: str = "sample"
-    # A VideoSys checkpoint file or run directory (its newest checkpoint); or leave None and set
+    # A VideoSys checkpoint folder or run directory (its newest checkpoint); or leave None and set
     # model.weights to sample from external weights.
     checkpoint: str | None = None
     use_ema: bool = True  # sample with the EMA weights stored in the checkpoint
@@ -59,16 +61,20 @@ def sample(
     pab: PABConfig,
     text_encoder: TextEncoderConfig | None = None,
 ) -> dict:
+    if ctx.dist.dims.cfg > 1 and sampling.cfg_scale == 1.0:
+        raise ConfigError(
+            f"parallel={parallel.name} runs the conditional and unconditional halves of guidance on "
+            f"{ctx.dist.dims.cfg} ranks, but sampling.cfg_scale=1.0 has no unconditional half; set "
+            "sampling.cfg_scale above 1 or use a preset without cfg"
+        )
     cache = build_cache(pab)
     text_encoder = text_encoder or TextEncoderConfig()
     dataset, spec = sample_data(data_cfg, model_entry(model_cfg.name).is_video)
-    state = None
+    meta = path = None
     if task.checkpoint:
         path = ckpt_io.find_checkpoint(task.checkpoint, "task.checkpoint")
-        state = ckpt_io.load_checkpoint(path)
-        if "model_config" not in state:
-            raise ConfigError(f"task.checkpoint={task.checkpoint}: {path} is not a VideoSys training checkpoint")
-        saved = state["model_config"]
+        meta = ckpt_io.read_meta(path)
+        saved = meta["model_config"]
         model_cfg = model_entry(saved["name"]).config_cls(**{**saved, "weights": None}).resolved()
     entry = model_entry(model_cfg.name)
     conditioner = None
@@ -81,17 +87,15 @@ def sample(
             log.warning("text_encoder=none: conditioning on prompt words as fixed labels (no text encoder)")
         else:
             conditioner = make_text_conditioner(text_encoder, spec, ctx.device)
-    if state is None:
+        conditioner = encode_once_per_group(conditioner, ctx.dist.comm("world"), ctx.device)  # same prompts everywhere
+    if meta is None:
         model_cfg = resolve_for_sampling(
             model_cfg, spec, vae, text_geometry(conditioner, spec) if entry.is_video else None, sampling
         )
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
-    if state is not None:
-        model.load_state_dict(state["ema"]["model"] if task.use_ema else state["model"])
-        log.info(
-            "sampling from %s (step %d, %s weights)", task.checkpoint, state["step"], "EMA" if task.use_ema else "raw"
-        )
-        del state
+    if meta is not None:
+        load_checkpoint_weights(model, path, task.use_ema)
+        log.info("sampling from %s (step %d, %s weights)", path, meta["step"], "EMA" if task.use_ema else "raw")
     elif model_cfg.weights:
         load_external_weights(model, model_cfg)
     else:
@@ -110,10 +114,11 @@ def sample(
     ):
         dataset = None  # the digit classifier scores only digit-shaped samples
     metrics = {"model_config": dataclasses.asdict(model_cfg)}
+    # Every rank samples (the model splits its work over them); rank 0 writes.
+    metrics.update(
+        sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, 0, conditioning)
+    )
     if ctx.dist.is_main:
-        metrics.update(
-            sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, 0, conditioning)
-        )
         (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         ctx.tracker.finish(metrics)
     return metrics

@@ -12,21 +12,25 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from videosys.cache import PABConfig, build_cache
 from videosys.data import build_dataset, build_loader
-from videosys.diffusion import DiffusionConfig, SamplingConfig
+from videosys.diffusion import DiffusionConfig, SampleDraws, SamplingConfig
 from videosys.distributed import ParallelConfig
 from videosys.encoders import TextEncoderConfig, VAEConfig
 from videosys.errors import ConfigError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
+from videosys.parallelize import shard_parameters
 from videosys.precision import PrecisionConfig, autocast, make_grad_scaler
 from videosys.tasks import checkpoint as ckpt_io
 from videosys.tasks.common import (
     EMA,
     RunContext,
+    encode_once_per_group,
     load_external_weights,
     make_codec,
     make_conditioning,
@@ -75,16 +79,17 @@ class TrainTaskConfig:
     caption_dropout: float = 0.1
 
 
-def validate_train_config(task: TrainTaskConfig, world_size: int) -> int:
-    """Check the batch arithmetic up front; returns the per-rank micro-batch size."""
+def validate_train_config(task: TrainTaskConfig, data_parallel: int) -> int:
+    """Check the batch arithmetic up front; returns the per-rank micro-batch size. Sequence-parallel
+    ranks share their samples, so only the data-parallel ranks divide the batch."""
     for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every"):
         if getattr(task, key) < 1:
             raise ConfigError(f"task.{key}={getattr(task, key)} must be at least 1")
-    per_step = task.grad_accum * world_size
+    per_step = task.grad_accum * data_parallel
     if task.batch_size % per_step:
         raise ConfigError(
             f"task.batch_size={task.batch_size} is not divisible by task.grad_accum={task.grad_accum} x "
-            f"{world_size} data-parallel ranks = {per_step}; use a multiple of {per_step}"
+            f"{data_parallel} data-parallel ranks = {per_step}; use a multiple of {per_step}"
         )
     return task.batch_size // per_step
 
@@ -107,25 +112,28 @@ def make_optimizer(model: nn.Module, cfg: OptimizerConfig, device: torch.device)
 def optimizer_step(
     model: nn.Module,
     objective,
-    micro_batches: list[tuple[torch.Tensor, dict]],
+    micro_batches: list[tuple[torch.Tensor, dict, SampleDraws | None]],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     precision: PrecisionConfig,
     grad_clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over gradient-accumulation micro-batches; returns (mean loss, grad norm)
-    as device tensors so that the caller decides when to synchronise."""
+    """One optimizer step over gradient-accumulation micro-batches of (x, model inputs, draws);
+    returns this rank's mean loss and the global gradient norm as device tensors, so that the
+    caller decides when to synchronise."""
     device = micro_batches[0][0].device
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    for x, inputs in micro_batches:
+    for x, inputs, draws in micro_batches:
         with autocast(precision, device):
-            loss = objective(model, x, inputs).mean()
+            loss = objective(model, x, inputs, draws).mean()
         scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every shard
+        grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)
     scaler.update()
     return total / len(micro_batches), grad_norm
@@ -144,6 +152,7 @@ class _Progress:
 
     def __init__(self, ctx: RunContext, total: int, start: int):
         self.ctx = ctx
+        self.data_parallel = ctx.dist.comm("dp")
         self.total = total
         self.pending: list[tuple[int, torch.Tensor, torch.Tensor, float]] = []
         self.since = time.perf_counter()
@@ -158,14 +167,20 @@ class _Progress:
         """Record each pending step; stop on a non-finite loss."""
         if not self.pending:
             return
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in self.pending]).tolist()
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in self.pending])
+        if self.data_parallel.size > 1:  # each data-parallel rank holds the loss of its own samples
+            losses = values[:, 0].contiguous()
+            torch.distributed.all_reduce(losses, group=self.data_parallel.group)
+            values[:, 0] = losses / self.data_parallel.size
+        values = values.tolist()
         for (step, _, _, lr), (loss, norm) in zip(self.pending, values, strict=True):
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss} at step {step}; lower optimizer.lr, keep "
                     "optimizer.grad_clip > 0, or use precision=bf16 instead of fp16"
                 )
-            self.ctx.tracker.log({"loss": loss, "grad_norm": norm, "lr": lr}, step)
+            if self.ctx.dist.is_main:
+                self.ctx.tracker.log({"loss": loss, "grad_norm": norm, "lr": lr}, step)
         now = time.perf_counter()
         rate = len(self.pending) / max(now - self.since, 1e-9)
         self.since = now
@@ -181,7 +196,7 @@ class _Progress:
 
 class _BatchStream:
     """Pulls batches, dropping unreadable items with a warning and counting them; returns the
-    (VAE-encoded) inputs and the model's conditioning inputs."""
+    (VAE-encoded) inputs, the model's conditioning inputs and the batch's per-sample draws."""
 
     max_warnings = 20
 
@@ -203,8 +218,15 @@ class _BatchStream:
                     log.warning("more unreadable samples; counting them without further warnings")
             if batch.x is not None:
                 x = batch.x.to(self.device, non_blocking=True)
-                inputs = self.conditioning.training_inputs(batch, self.device)
-                return (self.codec.encode(x) if self.codec is not None else x), inputs
+                # Each sample's own generator, in a fixed order: VAE posterior, condition dropout,
+                # then the objective's timestep and noise.
+                draws = SampleDraws(batch.draw_seeds, self.device)
+                if self.codec is not None:
+                    x = torch.cat(
+                        [self.codec.encode(x[i : i + 1], generator=g) for i, g in enumerate(draws.generators)]
+                    )
+                inputs = self.conditioning.training_inputs(batch, self.device, draws)
+                return x, inputs, draws
 
 
 def train(
@@ -225,74 +247,90 @@ def train(
     run_config: dict,
     text_encoder: TextEncoderConfig | None = None,
 ) -> dict:
-    device, run_dir = ctx.device, ctx.run_dir
-    micro_batch = validate_train_config(task, ctx.dist.world_size)
+    device, run_dir, dist = ctx.device, ctx.run_dir, ctx.dist
+    micro_batch = validate_train_config(task, dist.dims.dp)
     if not 0.0 <= task.caption_dropout < 1.0:
         raise ConfigError(f"task.caption_dropout={task.caption_dropout} must be in [0, 1)")
+    if dist.world_size > 1 and precision.dtype == "fp16":
+        raise ConfigError(
+            f"precision=fp16 with {dist.world_size} processes: the fp16 loss scaler is not shared across "
+            "sharded ranks; use precision=bf16 (no loss scaling needed)"
+        )
+    check_offload(parallel, dist)
     cache = build_cache(pab)
     dataset, spec = build_dataset(data_cfg)
     is_video = model_entry(model_cfg.name).is_video
     conditioner = make_text_conditioner(text_encoder or TextEncoderConfig(), spec, device) if is_video else None
+    conditioner = encode_once_per_group(conditioner, dist.comm("sp"), device)  # sp ranks share their captions
     model_cfg = resolve_model_config(model_cfg, spec, vae, text_geometry(conditioner, spec) if is_video else None)
     resume_from = ckpt_io.resolve_resume(resume, run_dir)
-    state = ckpt_io.load_checkpoint(resume_from) if resume_from else None
-    if state is not None:
-        _check_same_model(state, model_cfg, resume_from)
+    meta = ckpt_io.read_meta(resume_from) if resume_from else None
+    if meta is not None:
+        _check_same_model(meta, model_cfg, resume_from)
     codec = make_codec(vae, device, video=spec.num_frames is not None) if spec.space == "pixel" else None
 
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision, task.activation_checkpointing)
-    if state is None:
+    if meta is None:
         load_external_weights(model, model_cfg)
+    sharding = shard_parameters(model, dist, parallel)  # after the weights exist: every rank holds the same
     optimizer = make_optimizer(model, optimizer_cfg, device)
     scaler = make_grad_scaler(precision, device)
-    ema = EMA(model, task.ema_decay, task.ema_warmup)
+    ema = EMA(model, task.ema_decay, task.ema_warmup)  # after sharding: sharded the same way
     diffusion_cfg = diffusion_cfg.resolved(model_diffusion_defaults(model))
     objective = make_objective(diffusion_cfg, model, device, pixel_area(model_cfg))
     conditioning = make_conditioning(model, conditioner, spec, dataset, task.caption_dropout)
     step = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt_io.restore_rng_state(state["rng"])
-        step = state["step"]
-        truncate_metrics(run_dir, step)
-        log.info("resumed from %s at step %d", resume_from, step)
-    del state
+    if meta is not None:
+        tensors = training_tensors(model, optimizer, ema)
+        ckpt_io.load_tensors(resume_from, tensors)
+        set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optimizer"])
+        ema.num_updates = meta["ema_updates"]
+        scaler.load_state_dict(meta["scaler"])
+        ckpt_io.restore_rng_state(meta["rng"])
+        step = meta["step"]
+        if dist.is_main:
+            truncate_metrics(run_dir, step)
+        log.info("resumed from %s at step %d (saved by %d ranks)", resume_from, step, meta.get("world_size", 1))
 
     loader = build_loader(
-        dataset, micro_batch, ctx.seed, step * task.batch_size, data_cfg.num_workers, device.type == "cuda"
+        dataset,
+        micro_batch,
+        ctx.seed,
+        step * task.batch_size,
+        data_cfg.num_workers,
+        device.type == "cuda",
+        dist.dims.dp_rank(dist.rank),
+        dist.dims.dp,
     )
     stream = _BatchStream(loader, device, codec, conditioning)
     log.info("objective %s, diffusion %s", diffusion_cfg.objective, diffusion_cfg)
     log.info(
-        "training %d steps: batch %d (%d x %d micro-batches), %d samples in %s, precision %s",
+        "training %d steps: batch %d (%d x %d micro-batches x %d data-parallel ranks), %d samples in %s, "
+        "precision %s, parameters: %s",
         task.steps,
         task.batch_size,
         micro_batch,
         task.grad_accum,
+        dist.dims.dp,
         len(dataset),
         data_cfg.name,
         precision.dtype,
+        sharding,
     )
 
     def save(at_step: int) -> None:
-        if ctx.dist.is_main:
-            path = ckpt_io.checkpoint_path(run_dir, at_step)
-            ckpt_io.atomic_save(
-                {
-                    "step": at_step,
-                    "model": model.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": ckpt_io.rng_state(),
-                    "model_config": dataclasses.asdict(model_cfg),
-                    "config": run_config,
-                },
-                path,
-            )
+        meta = {
+            "step": at_step,
+            "ema_updates": ema.num_updates,
+            "scaler": scaler.state_dict(),
+            "rng": ckpt_io.rng_state(),
+            "world_size": dist.world_size,
+            "model_config": dataclasses.asdict(model_cfg),
+            "config": run_config,
+        }
+        path = ckpt_io.checkpoint_path(run_dir, at_step)
+        ckpt_io.save_checkpoint(path, training_tensors(model, optimizer, ema), meta, dist.is_main)
+        if dist.is_main:
             ckpt_io.prune(path.parent, task.keep_last)
 
     model.train()
@@ -319,18 +357,23 @@ def train(
     if not ckpt_io.list_checkpoints(ckpt_io.checkpoint_dir(run_dir)):
         save(step)  # resumed from another run's final checkpoint: keep one here too
 
+    skipped = _sum_over(stream.skipped, dist.comm("dp"), device)
     metrics = {
         "steps": task.steps,
         "resumed_from_step": first_step,
         "train_seconds": round(train_seconds, 2),
         "samples_per_second": round((task.steps - first_step) * task.batch_size / max(train_seconds, 1e-9), 2),
-        "skipped_samples": stream.skipped,
+        "skipped_samples": skipped,
     }
-    if stream.skipped:
-        log.warning("%d unreadable samples were skipped during training", stream.skipped)
-    if not ctx.dist.is_main:
+    if skipped:
+        log.warning("%d unreadable samples were skipped during training", skipped)
+    if task.sample_at_end:  # every rank takes part: the model is sharded and split over sequence ranks
+        ema.copy_to(model)
+        metrics.update(
+            sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step, conditioning)
+        )
+    if not dist.is_main:
         return metrics
-
     history = read_metrics(run_dir)
     losses = [(r["step"], r["loss"]) for r in history if "loss" in r]
     if losses:
@@ -338,19 +381,43 @@ def train(
         metrics["final_loss"] = sum(tail) / len(tail)
         save_loss_curve([s for s, _ in losses], [v for _, v in losses], run_dir / "loss.png")
     metrics["checkpoint"] = str(ckpt_io.list_checkpoints(ckpt_io.checkpoint_dir(run_dir))[-1])
-    if task.sample_at_end:
-        metrics.update(
-            sample_and_score(
-                ema.model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step, conditioning
-            )
-        )
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     ctx.tracker.finish(metrics)
     return metrics
 
 
-def _check_same_model(state: dict, model_cfg, path) -> None:
-    saved = dict(state.get("model_config", {}))
+def check_offload(parallel: ParallelConfig, dist) -> None:
+    """CPU offload moves FSDP2-sharded state off the GPUs: it needs GPUs and sharded ranks."""
+    if not parallel.offload:
+        return
+    if dist.device.type != "cuda":
+        raise ConfigError(
+            f"parallel.offload=true on device={dist.device}: offload keeps GPU ranks' sharded state in CPU "
+            "memory, and a CPU run holds everything there already; set parallel.offload=false"
+        )
+    if dist.mesh is None:
+        raise ConfigError(
+            "parallel.offload=true on one process: offload applies to FSDP2-sharded ranks; launch several "
+            "processes (launch/torchrun.sh parallel=zero3 parallel.offload=true) or set parallel.offload=false"
+        )
+
+
+def training_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA) -> dict:
+    """What a checkpoint holds per rank: model, optimizer and EMA state, sharded as the run holds them."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state, "ema": ema.shadow}
+
+
+def _sum_over(count: int, comm, device: torch.device) -> int:
+    if comm.size == 1:
+        return count
+    total = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(total, group=comm.group)
+    return int(total.item())
+
+
+def _check_same_model(meta: dict, model_cfg, path) -> None:
+    saved = dict(meta.get("model_config", {}))
     current = dataclasses.asdict(model_cfg)
     saved.pop("weights", None)
     current.pop("weights", None)
