@@ -151,5 +151,5 @@ def test_default_job_learns_digits(tmp_path: Path):
     assert metrics["steps"] == 1500
     for name in ("samples.png", "loss.png", "samples.pt"):
         assert (run_dir / name).is_file()
-    assert Path(metrics["checkpoint"]).is_file()
+    assert (Path(metrics["checkpoint"]) / "meta.pt").is_file()
     assert f"Outputs in {run_dir}" in result.stdout

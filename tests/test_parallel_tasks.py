@@ -20,8 +20,14 @@ import torch
 from conftest import TINY, read_checkpoint, read_losses, run_inprocess, save_tiny_vae
 from multiprocess import run_ranks
 from videosys.distributed import ParallelConfig, init_distributed
-from videosys.encoders import LatentCodec, TextConditioner, VAEConfig, build_video_codec
-from videosys.tasks.common import SharedTextEncoder, decode_across_ranks
+from videosys.encoders import (
+    LatentCodec,
+    SharedTextEncoder,
+    TextConditioner,
+    VAEConfig,
+    build_video_codec,
+    decode_across_ranks,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["task.log_every=5", "task.keep_last=0", "task.sample_at_end=false"]
@@ -127,9 +133,10 @@ def _decode(rank: int, world: int, vae_dir: str):
     images = torch.randn(3, 4, 4, 4)
     video = build_video_codec(VAEConfig(path=vae_dir), "cpu")
     image = LatentCodec(VAEConfig(path=vae_dir), torch.device("cpu"))
+    world_comm = dist.comm("world")
     return {
-        "video": (decode_across_ranks(video, clips, dist), video.decode(clips)),
-        "image": (decode_across_ranks(image, images, dist), image.decode(images)),
+        "video": (decode_across_ranks(video, clips, world_comm), video.decode(clips)),
+        "image": (decode_across_ranks(image, images, world_comm), image.decode(images)),
     }
 
 

@@ -3,10 +3,12 @@
 from videosys.encoders.text import (
     CLIPConditioner,
     LabelConditioner,
+    SharedTextEncoder,
     T5Conditioner,
     TextConditioner,
     TextEncoderConfig,
     build_text_conditioner,
+    encode_once_per_group,
     text_embedding_dim,
 )
 from videosys.encoders.vae import (
@@ -18,6 +20,7 @@ from videosys.encoders.vae import (
     VideoCodec,
     VideoLatentGeometry,
     build_video_codec,
+    decode_across_ranks,
     latent_geometry,
     save_opensora_vae,
     split_opensora_state_dict,
@@ -30,6 +33,7 @@ __all__ = [
     "LatentCodec",
     "LatentGeometry",
     "OpenSoraTemporalVAE",
+    "SharedTextEncoder",
     "T5Conditioner",
     "TemporalVAEConfig",
     "TextConditioner",
@@ -38,6 +42,8 @@ __all__ = [
     "VideoCodec",
     "VideoLatentGeometry",
     "build_text_conditioner",
+    "decode_across_ranks",
+    "encode_once_per_group",
     "build_video_codec",
     "latent_geometry",
     "save_opensora_vae",

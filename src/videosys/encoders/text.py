@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from videosys.distributed.collectives import CommGroup, broadcast_tensors
 from videosys.errors import ConfigError
 from videosys.precision import DTYPES
 
@@ -334,3 +335,42 @@ def build_text_conditioner(
     if cfg.name == "t5":
         return T5Conditioner(cfg, device)
     return CLIPConditioner(cfg, device)
+
+
+class SharedTextEncoder(TextConditioner):
+    """A text encoder whose work is done once per group of ranks that share their prompts: rank 0 of
+    `comm` encodes and sends the embeddings to the others. Every rank of the group must call it
+    together."""
+
+    def __init__(self, inner: TextConditioner, comm: CommGroup, device: torch.device):
+        self.inner, self.comm, self.transfer_device = inner, comm, device
+        self.dim, self.max_length, self.device = inner.dim, inner.max_length, inner.device
+        self._nulls: dict = {}
+
+    def encode(self, prompts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        local = None
+        if self.comm.rank == 0:
+            text, mask = self.inner.encode(prompts, self.transfer_device)
+            local = {"text": text, "mask": mask}
+        out = broadcast_tensors(local, self.comm, self.transfer_device)
+        target = self.device if device is None else torch.device(device)
+        return out["text"].to(target), out["mask"].to(target)
+
+    def null(
+        self, batch: int, device: torch.device | None = None, length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if length is not None and length != self.max_length:
+            raise ValueError(f"{type(self.inner).__name__} gives {self.max_length} tokens per prompt, not {length}")
+        target = self.device if device is None else torch.device(device)
+        if target not in self._nulls:
+            self._nulls[target] = self.encode([""], target)
+        emb, mask = self._nulls[target]
+        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
+
+
+def encode_once_per_group(conditioner: TextConditioner | None, comm: CommGroup, device: torch.device):
+    """Wrap a text encoder so that a group of ranks sharing their prompts encodes them once. Label
+    conditioners (a table lookup) are left as they are."""
+    if conditioner is None or comm.size == 1 or isinstance(conditioner, LabelConditioner):
+        return conditioner
+    return SharedTextEncoder(conditioner, comm, device)

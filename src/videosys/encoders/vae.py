@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videosys.distributed.collectives import CommGroup, split_work
 from videosys.errors import ConfigError
 from videosys.precision import DTYPES
 
@@ -649,3 +650,10 @@ def build_video_codec(cfg: VAEConfig, device: torch.device | str) -> VideoCodec 
         _check_video_cfg(cfg)
         return None
     return VideoCodec(cfg, device)
+
+
+def decode_across_ranks(codec, latents: torch.Tensor, comm: CommGroup) -> torch.Tensor:
+    """The decode of latents that every rank of `comm` holds, split over those ranks: by frame for a
+    frame-by-frame VAE, else by clip (or image). Every rank gets the whole result."""
+    dim = 2 if getattr(codec, "frame_wise", False) else 0
+    return split_work(latents, dim, comm, codec.decode)

@@ -151,11 +151,12 @@ def bench(
         optimizer = make_optimizer(model, optimizer_cfg, device)
         scaler = make_grad_scaler(precision, device)
 
+        shards = ctx.dist.comm("fsdp") if ctx.dist.mesh is not None else None
+
         def step() -> None:
             objective = lambda m, x0, inputs, draws: diffusion.training_loss(m, x0, draws, **inputs)  # noqa: E731
-            optimizer_step(
-                model, objective, [(x, {"y": y}, None)], optimizer, scaler, precision, optimizer_cfg.grad_clip
-            )
+            micro = [(x, {"y": y}, None)]
+            optimizer_step(model, objective, micro, optimizer, scaler, precision, optimizer_cfg.grad_clip, shards)
     else:
         model.eval()
         step = forward

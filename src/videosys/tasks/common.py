@@ -25,15 +25,14 @@ from videosys.diffusion import (
     sample_class_conditional,
 )
 from videosys.distributed import DistContext, ParallelConfig
-from videosys.distributed.collectives import broadcast_tensors, split_work
 from videosys.encoders import (
-    LabelConditioner,
     LatentCodec,
     TextConditioner,
     TextEncoderConfig,
     VAEConfig,
     build_text_conditioner,
     build_video_codec,
+    decode_across_ranks,
     latent_geometry,
     video_latent_geometry,
 )
@@ -279,52 +278,8 @@ def generate_class_samples(
             )
         )
     latents = torch.cat(chunks)
-    images = decode_across_ranks(codec, latents, dist) if codec is not None else latents.clamp(-1, 1)
+    images = decode_across_ranks(codec, latents, dist.comm("world")) if codec is not None else latents.clamp(-1, 1)
     return {"images": images.cpu(), "labels": labels.cpu(), "latents": latents.cpu()}
-
-
-def decode_across_ranks(codec, latents: torch.Tensor, dist: DistContext) -> torch.Tensor:
-    """The VAE decode of latents that every rank holds, split over all ranks: by frame for a
-    frame-by-frame VAE, else by clip (or image)."""
-    dim = 2 if getattr(codec, "frame_wise", False) else 0
-    return split_work(latents, dim, dist.comm("world"), codec.decode)
-
-
-class SharedTextEncoder(TextConditioner):
-    """A text encoder whose work is done once per group of ranks that share their prompts: rank 0 of
-    `comm` encodes and sends the embeddings to the others. Every rank of the group must call it
-    together."""
-
-    def __init__(self, inner: TextConditioner, comm, device: torch.device):
-        self.inner, self.comm, self.transfer_device = inner, comm, device
-        self.dim, self.max_length, self.device = inner.dim, inner.max_length, inner.device
-        self._nulls: dict = {}
-
-    def encode(self, prompts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        local = None
-        if self.comm.rank == 0:
-            text, mask = self.inner.encode(prompts, self.transfer_device)
-            local = {"text": text, "mask": mask}
-        out = broadcast_tensors(local, self.comm, self.transfer_device)
-        target = self.device if device is None else torch.device(device)
-        return out["text"].to(target), out["mask"].to(target)
-
-    def null(self, batch: int, device: torch.device | None = None, length: int | None = None):
-        if length is not None and length != self.max_length:
-            raise ValueError(f"{type(self.inner).__name__} gives {self.max_length} tokens per prompt, not {length}")
-        target = self.device if device is None else torch.device(device)
-        if target not in self._nulls:
-            self._nulls[target] = self.encode([""], target)
-        emb, mask = self._nulls[target]
-        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
-
-
-def encode_once_per_group(conditioner, comm, device: torch.device):
-    """Wrap a text encoder so that a group of ranks sharing their prompts encodes them once. Label
-    conditioners (a table lookup) are left as they are."""
-    if conditioner is None or comm.size == 1 or isinstance(conditioner, LabelConditioner):
-        return conditioner
-    return SharedTextEncoder(conditioner, comm, device)
 
 
 def write_samples(samples: dict[str, torch.Tensor], sampling: SamplingConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -524,7 +479,7 @@ def generate_text_samples(
 
         chunks.append(denoise_loop(predict, noise, sampler, generator, cache))
     latents = torch.cat(chunks)
-    videos = decode_across_ranks(codec, latents, ctx.dist) if codec is not None else latents.clamp(-1, 1)
+    videos = decode_across_ranks(codec, latents, ctx.dist.comm("world")) if codec is not None else latents.clamp(-1, 1)
     return {"videos": videos.float().cpu(), "prompts": all_prompts, "latents": latents.cpu()}
 
 

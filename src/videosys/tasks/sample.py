@@ -12,7 +12,7 @@ from videosys.data import DataSpec, build_dataset
 from videosys.data.digits import DigitsDataConfig
 from videosys.diffusion import DiffusionConfig, SamplingConfig
 from videosys.distributed import ParallelConfig
-from videosys.encoders import LabelConditioner, TextEncoderConfig, VAEConfig
+from videosys.encoders import LabelConditioner, TextEncoderConfig, VAEConfig, encode_once_per_group
 from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
@@ -20,7 +20,6 @@ from videosys.precision import PrecisionConfig
 from videosys.tasks import checkpoint as ckpt_io
 from videosys.tasks.common import (
     RunContext,
-    encode_once_per_group,
     load_checkpoint_weights,
     load_external_weights,
     make_codec,

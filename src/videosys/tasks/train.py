@@ -19,8 +19,8 @@ from tqdm import tqdm
 from videosys.cache import PABConfig, build_cache
 from videosys.data import build_dataset, build_loader
 from videosys.diffusion import DiffusionConfig, SampleDraws, SamplingConfig
-from videosys.distributed import ParallelConfig
-from videosys.encoders import TextEncoderConfig, VAEConfig
+from videosys.distributed import CommGroup, ParallelConfig
+from videosys.encoders import TextEncoderConfig, VAEConfig, encode_once_per_group
 from videosys.errors import ConfigError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
@@ -30,7 +30,6 @@ from videosys.tasks import checkpoint as ckpt_io
 from videosys.tasks.common import (
     EMA,
     RunContext,
-    encode_once_per_group,
     load_external_weights,
     make_codec,
     make_conditioning,
@@ -117,10 +116,11 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     precision: PrecisionConfig,
     grad_clip: float,
+    shard_group: CommGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over gradient-accumulation micro-batches of (x, model inputs, draws);
     returns this rank's mean loss and the global gradient norm as device tensors, so that the
-    caller decides when to synchronise."""
+    caller decides when to synchronise. `shard_group`: the ranks the gradients are sharded over."""
     device = micro_batches[0][0].device
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
@@ -130,13 +130,33 @@ def optimizer_step(
         scaler.scale(loss / len(micro_batches)).backward()
         total += loss.detach()
     scaler.unscale_(optimizer)
-    max_norm = grad_clip if grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every shard
-        grad_norm = grad_norm.full_tensor()
+    grad_norm = clip_gradients(list(model.parameters()), grad_clip, device, shard_group)
     scaler.step(optimizer)
     scaler.update()
     return total / len(micro_batches), grad_norm
+
+
+def clip_gradients(
+    parameters: list[nn.Parameter], max_norm: float, device: torch.device, shard_group: CommGroup | None
+) -> torch.Tensor:
+    """Scale gradients to a global norm of at most `max_norm` (0: no clipping); returns the norm.
+
+    FSDP2 gradients are shards (DTensors, on the CPU under offload): the squared norms of the local
+    shards are summed on the device and over the shard group, then each shard is scaled in place.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    if not local:
+        return torch.zeros((), device=device)
+    squares = torch.stack([n.to(device) for n in torch._foreach_norm(local)]).float().square().sum()
+    if shard_group is not None and shard_group.size > 1 and isinstance(grads[0], DTensor):
+        torch.distributed.all_reduce(squares, group=shard_group.group)
+    total = squares.sqrt()
+    if max_norm > 0:  # as torch.nn.utils.clip_grad_norm_: scale by min(1, max_norm / norm), no sync
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for where in {g.device for g in local}:
+            torch._foreach_mul_([g for g in local if g.device == where], scale.to(where))
+    return total
 
 
 def learning_rate(cfg: OptimizerConfig, step: int) -> float:
@@ -333,6 +353,7 @@ def train(
         if dist.is_main:
             ckpt_io.prune(path.parent, task.keep_last)
 
+    shard_group = dist.comm("fsdp") if dist.mesh is not None else None
     model.train()
     started = time.perf_counter()
     first_step = step
@@ -343,7 +364,7 @@ def train(
             group["lr"] = lr
         micro_batches = [stream.next() for _ in range(task.grad_accum)]
         loss, grad_norm = optimizer_step(
-            model, objective, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip
+            model, objective, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip, shard_group
         )
         ema.update(model)
         step += 1
