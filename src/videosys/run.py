@@ -76,7 +76,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     run_dir: str = MISSING  # where outputs go (Hydra's run directory)
-    resume: str | None = None  # None | auto | <checkpoint file or run dir>
+    resume: str | None = None  # None | auto | <checkpoint folder or run dir>
     # Print the parallel plan for `world_size` ranks (one CPU process, fake backend) instead of running.
     dry_run: bool = False
     world_size: int | None = None
