@@ -56,9 +56,16 @@ class TextConditioner:
         """The empty prompt's embedding and mask, repeated `batch` times.
 
         `length` matters only for label conditioners (see LabelConditioner.null); text encoders always
-        give `max_length` tokens.
+        give `max_length` tokens. The empty prompt is encoded once per device, then reused.
         """
-        raise NotImplementedError
+        if length is not None and length != self.max_length:
+            raise ValueError(f"{type(self).__name__} gives {self.max_length} tokens per prompt, not {length}")
+        target = self.device if device is None else torch.device(device)
+        nulls = self.__dict__.setdefault("_nulls", {})
+        if target not in nulls:
+            nulls[target] = self.encode([""], target)
+        emb, mask = nulls[target]
+        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
 
 
 def _check_dtype(cfg: TextEncoderConfig) -> torch.dtype:
@@ -145,7 +152,6 @@ class _TransformersConditioner(TextConditioner):
         self.model.to(self.device).eval().requires_grad_(False)
         self.dim = self.model.config.hidden_size if self.name == "clip" else self.model.config.d_model
         self.max_length = cfg.max_length
-        self._nulls: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), both (B, max_length), padded and truncated to max_length."""
@@ -167,17 +173,6 @@ class _TransformersConditioner(TextConditioner):
         emb = self._hidden_states(input_ids, mask).float()
         target = self.device if device is None else torch.device(device)
         return emb.to(target), mask.bool().to(target)
-
-    def null(
-        self, batch: int, device: torch.device | None = None, length: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if length is not None and length != self.max_length:
-            raise ValueError(f"{type(self).__name__} gives {self.max_length} tokens per prompt, not {length}")
-        target = self.device if device is None else torch.device(device)
-        if target not in self._nulls:  # encoded once per device, then reused
-            self._nulls[target] = self.encode([""], target)
-        emb, mask = self._nulls[target]
-        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
 
 
 class T5Conditioner(_TransformersConditioner):
@@ -345,7 +340,6 @@ class SharedTextEncoder(TextConditioner):
     def __init__(self, inner: TextConditioner, comm: CommGroup, device: torch.device):
         self.inner, self.comm, self.transfer_device = inner, comm, device
         self.dim, self.max_length, self.device = inner.dim, inner.max_length, inner.device
-        self._nulls: dict = {}
 
     def encode(self, prompts: list[str], device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         local = None
@@ -355,17 +349,6 @@ class SharedTextEncoder(TextConditioner):
         out = broadcast_tensors(local, self.comm, self.transfer_device)
         target = self.device if device is None else torch.device(device)
         return out["text"].to(target), out["mask"].to(target)
-
-    def null(
-        self, batch: int, device: torch.device | None = None, length: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if length is not None and length != self.max_length:
-            raise ValueError(f"{type(self.inner).__name__} gives {self.max_length} tokens per prompt, not {length}")
-        target = self.device if device is None else torch.device(device)
-        if target not in self._nulls:
-            self._nulls[target] = self.encode([""], target)
-        emb, mask = self._nulls[target]
-        return emb.expand(batch, -1, -1).clone(), mask.expand(batch, -1).clone()
 
 
 def encode_once_per_group(conditioner: TextConditioner | None, comm: CommGroup, device: torch.device):
