@@ -33,8 +33,15 @@ def _worker(rank: int, world_size: int, port: int, out: str, backend: str, fn, a
         result = fn(rank, world_size, *args)
         if rank == 0:
             torch.save(result, out)
+        finished = True
+    except BaseException:
+        finished = False
+        raise
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # fn may have left the group itself
+            if finished:
+                dist.barrier()  # no rank tears gloo down while a peer still talks to it
+            dist.destroy_process_group()
 
 
 def run_ranks(world_size: int, fn, *args, backend: str = "gloo"):

@@ -268,17 +268,19 @@ def main(cfg: DictConfig) -> dict | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     rank = int(os.environ.get("RANK", "0"))
     quiet_other_ranks(rank)
+    finished = False
     try:
         run_cfg = to_run_config(cfg)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         metrics = execute(run_cfg, run_dir, resolved)
+        finished = True
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
         if rank == 0:
             print(f"videosys: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
-        shutdown_distributed()
+        shutdown_distributed(wait_for_peers=finished)
     if not run_cfg.dry_run and rank == 0:
         report(run_cfg.task.name, run_dir, metrics)
     return metrics

@@ -134,6 +134,10 @@ def _device_id(device: torch.device) -> torch.device | None:
     return device if device.type == "cuda" else None
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(wait_for_peers: bool = False) -> None:
+    """Leave the process group. After a run that finished on every rank, `wait_for_peers` first: a
+    rank that tears down while a peer still talks to it can abort in gloo's threads."""
     if dist.is_initialized():
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
