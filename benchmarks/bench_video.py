@@ -8,12 +8,18 @@ outputs differ. Timing alternates ours and the peer for `--rounds` rounds of `--
 after `--warmup`, and reports the median round: mean step latency, achieved TFLOP/s (FLOPs
 counted once with torch's FLOP counter on our model) and peak allocated memory.
 
+`--kernels none,fused,fused_compile` times our model once per `kernels` preset (the same weights,
+parallelized with that preset's attention backend, fused Triton kernels and torch.compile) and
+reports each one's speedup over the first and its output's difference from the first.
+
     python benchmarks/bench_video.py --out bench_video.json
+    python benchmarks/bench_video.py --only opensora --configs "480p 51f" --kernels none,fused,compile,fused_compile
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -26,9 +32,31 @@ from videosys.models.cogvideox import convert_diffusers_state_dict as convert_co
 from videosys.models.latte import Latte, LatteConfig
 from videosys.models.latte import convert_diffusers_state_dict as convert_latte
 from videosys.models.opensora import OpenSora, OpenSoraConfig
+from videosys.ops import KernelsConfig
+from videosys.parallelize import parallelize
+from videosys.precision import PrecisionConfig
 
 DTYPE = torch.bfloat16
 BATCH = 2  # batch 1 plus its unconditional (CFG) half
+_FUSED = dict(fused_modulate=True, fused_norm=True, fused_gate_residual=True)
+# The presets of configs/kernels/ (Hydra composes those; this script builds models directly).
+KERNEL_PRESETS = {
+    "none": KernelsConfig(),
+    "auto": KernelsConfig(name="auto", attention="auto", pad_head_dim="auto"),
+    "fused": KernelsConfig(name="fused", attention="auto", pad_head_dim="auto", **_FUSED),
+    "compile": KernelsConfig(name="compile", attention="auto", pad_head_dim="auto", compile=True),
+    "fused_compile": KernelsConfig(name="fused_compile", attention="auto", pad_head_dim="auto", compile=True, **_FUSED),
+}
+
+
+def with_kernels(model, preset: str, device):
+    """A copy of `model` with the `kernels` preset applied, as `videosys.parallelize` does in a run."""
+    from videosys.distributed import DistContext, ParallelConfig
+
+    model = copy.deepcopy(model)
+    ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
+    parallelize(model, ctx, ParallelConfig(), KERNEL_PRESETS[preset], PrecisionConfig("bf16", "bf16"), training=False)
+    return model
 
 
 def build(model_cls, cfg, device):
@@ -72,7 +100,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def flops(fn) -> float:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
 
@@ -92,15 +120,23 @@ def opensora_cases(device, args):
 
 def run_opensora(device, args, results):
     for name, label, cfg, frames, height, width in opensora_cases(device, args):
-        model = build(OpenSora, cfg, device)
+        if args.configs and label not in args.configs.split(","):
+            continue
+        base = build(OpenSora, cfg, device)
         x = torch.randn(BATCH, 4, frames, height, width, device=device, dtype=DTYPE)
         t = torch.full((BATCH,), 500.0, device=device)
         text = torch.randn(BATCH, 300, 4096, device=device, dtype=DTYPE)
+        contenders = {}
+        for preset in args.kernels.split(","):
+            model = with_kernels(base, preset, device)
 
-        def ours(model=model, x=x, t=t, text=text, height=height, width=width):
-            model(x, t, text, None, fps=24.0, height=height * 8, width=width * 8)
+            def ours(model=model, x=x, t=t, text=text, height=height, width=width):
+                return model(x, t, text, None, fps=24.0, height=height * 8, width=width * 8)
 
-        record(results, name, label, ours, None, args)
+            contenders[f"ours[{preset}]"] = ours
+        del base
+        record(results, name, label, contenders, args)
+        del contenders
         torch.cuda.empty_cache()
 
 
@@ -133,13 +169,14 @@ def run_latte(device, args, results):
         )
     shared_weights(peer, model, convert_latte, cfg, device)
 
-    def ours():
-        return model(x, t, text, None)
-
     def theirs():
         return peer(x, encoder_hidden_states=text, timestep=t, return_dict=False)[0]
 
-    record(results, "latte XL/2", "16x512x512", ours, theirs, args)
+    contenders = {}
+    for preset in args.kernels.split(","):
+        prepared = with_kernels(model, preset, device)
+        contenders[f"ours[{preset}]"] = lambda m=prepared: m(x, t, text, None)
+    record(results, "latte XL/2", "16x512x512", {**contenders, "diffusers": theirs}, args)
 
 
 def run_cogvideox(device, args, results):
@@ -180,33 +217,37 @@ def run_cogvideox(device, args, results):
     )
     x_peer = x.transpose(1, 2).contiguous()
 
-    def ours():
-        return model(x, t, text, None)
-
     def theirs():  # diffusers returns (B, T, C, H, W)
         out = peer(x_peer, encoder_hidden_states=text, timestep=t, image_rotary_emb=(cos, sin), return_dict=False)
         return out[0].transpose(1, 2)
 
-    record(results, "cogvideox 5B", "49x480x720", ours, theirs, args)
+    contenders = {}
+    for preset in args.kernels.split(","):
+        prepared = with_kernels(model, preset, device)
+        contenders[f"ours[{preset}]"] = lambda m=prepared: m(x, t, text, None)
+    record(results, "cogvideox 5B", "49x480x720", {**contenders, "diffusers": theirs}, args)
 
 
-def record(results, name, label, ours, theirs, args):
-    step_flops = flops(ours)
+def record(results, name, label, contenders, args):
+    """Time every contender (the first is the baseline) and compare each one's output with the first's."""
+    first = next(iter(contenders))
+    step_flops = flops(contenders[first])
     row = {"model": name, "config": label, "batch": BATCH, "tflop_per_step": step_flops / 1e12}
-    contenders = {"ours": ours} if theirs is None else {"ours": ours, "diffusers": theirs}
     rounds = {name: [] for name in contenders}
-    for _ in range(args.rounds):  # alternate, so that clock drift hits both alike
-        for name, fn in contenders.items():
-            rounds[name].append(timed(fn, args.warmup, args.iters))
-    for name, measured in rounds.items():
-        row[f"{name}_ms_rounds"] = [ms for ms, _ in measured]
-        row[f"{name}_ms"] = statistics.median(row[f"{name}_ms_rounds"])
-        row[f"{name}_peak_gib"] = max(gib for _, gib in measured)
-        row[f"{name}_tflops"] = step_flops / (row[f"{name}_ms"] / 1e3) / 1e12
-    if theirs is not None:
-        row["speedup"] = row["diffusers_ms"] / row["ours_ms"]
-        with torch.no_grad():
-            row["bf16_relative_error"] = relative_error(ours(), theirs())
+    for _ in range(args.rounds):  # alternate, so that clock drift hits all alike
+        for contender, fn in contenders.items():
+            rounds[contender].append(timed(fn, args.warmup, args.iters))
+    for contender, measured in rounds.items():
+        row[f"{contender}_ms_rounds"] = [ms for ms, _ in measured]
+        row[f"{contender}_ms"] = statistics.median(row[f"{contender}_ms_rounds"])
+        row[f"{contender}_peak_gib"] = max(gib for _, gib in measured)
+        row[f"{contender}_tflops"] = step_flops / (row[f"{contender}_ms"] / 1e3) / 1e12
+    with torch.no_grad():
+        baseline = contenders[first]()
+        for contender, fn in contenders.items():
+            if contender != first:
+                row[f"{contender}_speedup_over_first"] = row[f"{first}_ms"] / row[f"{contender}_ms"]
+                row[f"{contender}_bf16_relative_error"] = relative_error(fn(), baseline)
     results.append(row)
     print(json.dumps(row), flush=True)
 
@@ -217,6 +258,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", default="opensora,latte,cogvideox")
+    parser.add_argument("--configs", default="", help="comma-separated Open-Sora configs, e.g. '480p 51f'")
+    parser.add_argument("--kernels", default="none", help=f"comma-separated presets of {list(KERNEL_PRESETS)}")
     parser.add_argument("--out", default="bench_video.json")
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -228,16 +271,17 @@ def main() -> None:
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": "bf16"}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)
-    header = f"{'model':22} {'config':12} {'ours ms':>9} {'TFLOP/s':>8} {'GiB':>6}"
-    print(f"\n{header} {'diffusers ms':>13} {'GiB':>6} {'speedup':>8}")
+    columns = f"{'ms':>9} {'TFLOP/s':>8} {'GiB':>6} {'speedup':>8} {'rel err':>9}"
+    print(f"\n{'model':22} {'config':12} {'contender':22} {columns}")
     for r in results:
-        peer = (
-            f"{r['diffusers_ms']:13.1f} {r['diffusers_peak_gib']:6.1f} {r['speedup']:8.3f}"
-            if "diffusers_ms" in r
-            else f"{'-':>13} {'-':>6} {'-':>8}"
-        )
-        ours = f"{r['model']:22} {r['config']:12} {r['ours_ms']:9.1f} {r['ours_tflops']:8.1f} {r['ours_peak_gib']:6.1f}"
-        print(f"{ours} {peer}")
+        names = [k.removesuffix("_ms") for k in r if k.endswith("_ms")]
+        for n in names:
+            speedup = r.get(f"{n}_speedup_over_first", 1.0)
+            error = r.get(f"{n}_bf16_relative_error", 0.0)
+            print(
+                f"{r['model']:22} {r['config']:12} {n:22} {r[f'{n}_ms']:9.1f} {r[f'{n}_tflops']:8.1f} "
+                f"{r[f'{n}_peak_gib']:6.1f} {speedup:8.3f} {error:9.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run through the interpreter, which must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image

@@ -45,7 +45,7 @@ EXPECTED_TYPES = {
             "cfg2_dsp4",
         )
     },
-    "kernels": {"none": KernelsConfig},
+    "kernels": {k: KernelsConfig for k in ("none", "auto", "fused", "compile", "fused_compile")},
     "pab": {"off": PABConfig},
     "data": dict(DATA_CONFIGS),
     "precision": {"fp32": PrecisionConfig, "bf16": PrecisionConfig, "fp16": PrecisionConfig},

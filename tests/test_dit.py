@@ -196,7 +196,7 @@ def test_activation_checkpointing_keeps_outputs_gradients_and_state_dict_names()
 def test_parallelize_sets_the_requested_attention_backend():
     model = tiny_model()
     parallelize(model, CPU, ParallelConfig(), KernelsConfig(attention="math"), PrecisionConfig())
-    assert all(block.attn.attention_fn is math_attention for block in model.blocks)
+    assert all(block.attn.attention_fn.fixed.backend.fn is math_attention for block in model.blocks)
     with pytest.raises(ConfigError, match="kernels.attention='flashy'"):
         parallelize(model, CPU, ParallelConfig(), KernelsConfig(attention="flashy"), PrecisionConfig())
 

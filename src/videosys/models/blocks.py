@@ -4,9 +4,10 @@ Video activations are kept as (batch, frames, tokens per frame, channels). A blo
 space (each frame on its own), over time (each spatial position on its own) or over the full 3D
 sequence; the reshaping lives in `attend` so that models never re-derive it.
 
-Every attention, self or cross, goes through its module's `attention_fn(q, k, v, mask)`, which
-`videosys.parallelize` sets: the single hook where attention backends (and later sequence
-parallelism and caches) attach.
+Every attention, self or cross, goes through its module's `attention_fn(q, k, v, mask)`, and every
+modulation, norm and gated residual through its module's `ops` (`videosys.ops.kernels.BlockOps`),
+both of which `videosys.parallelize` sets: the single hooks where attention backends and fused
+kernels (and sequence parallelism and caches) attach.
 """
 
 from __future__ import annotations
@@ -20,16 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from videosys.ops.attention import sdpa_attention
+from videosys.ops.kernels import TORCH_OPS
 
 
 def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B, C) -> (B, 1, ..., 1, C) so that it broadcasts over every token axis of `like`."""
     return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation with one (shift, scale) per sample, broadcast over tokens."""
-    return x * (1 + per_sample(scale, x)) + per_sample(shift, x)
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -71,7 +68,8 @@ class Rotary:
         end = self.start + self.cos.shape[0]
         if self.start or x.shape[-2] != end:
             body = self._rotate(x[..., self.start : end, :])
-            if not torch.is_grad_enabled():  # inference: rotate in place, no copy of the whole tensor
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                # eager inference: rotate in place, no copy of the whole tensor (compiled code fuses the copy)
                 x[..., self.start : end, :] = body
                 return x
             return torch.cat([x[..., : self.start, :], body, x[..., end:, :]], dim=-2)
@@ -81,12 +79,15 @@ class Rotary:
         dtype = x.dtype
         x = x.float()
         if self.interleaved:
-            pairs = x.unflatten(-1, (-1, 2))
-            turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-        else:
-            first, second = x.chunk(2, dim=-1)
-            turned = torch.cat([-second, first], dim=-1)
-        return (x * self.cos + turned * self.sin).to(dtype)
+            # x * cos + (-x1, x0) * sin per channel pair, written as swap(x) * (-sin0, sin1): the sign sits
+            # on the small table, not on a stack of selects of x. Inductor (torch 2.11, H200) generated an
+            # out-of-bounds kernel for the stack form fused with the q/k RMSNorm at Open-Sora 480p.
+            swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+            sin = self.sin.unflatten(-1, (-1, 2))
+            signed_sin = torch.stack([-sin[..., 0], sin[..., 1]], dim=-1).flatten(-2)
+            return (x * self.cos + swapped * signed_sin).to(dtype)
+        first, second = x.chunk(2, dim=-1)
+        return (x * self.cos + torch.cat([-second, first], dim=-1) * self.sin).to(dtype)
 
 
 def rotary_tables(dim: int, positions: torch.Tensor, theta: float = 10000.0, interleaved: bool = True):
@@ -171,11 +172,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
 
 def qk_norm_layer(kind: str | None, head_dim: int, eps: float) -> nn.Module:
@@ -340,10 +340,11 @@ class AdaLNFinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, out_features)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.ops.norm_modulate(self.norm_final, x, shift, scale))
 
 
 @torch.no_grad()
@@ -416,6 +417,7 @@ class AdaLNSingleBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
+        self.ops = TORCH_OPS
 
     def forward(
         self,
@@ -427,12 +429,13 @@ class AdaLNSingleBlock(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, S, C); t6: (B, 6, C) projected timestep; context: (B, L, C) projected text."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t6).unbind(1)
-        h = attend(self.attn, modulate(self.norm1(x), shift_msa, scale_msa), self.layout, rope)
-        x = x + per_sample(gate_msa, x) * h
+        ops = self.ops
+        h = attend(self.attn, ops.norm_modulate(self.norm1, x, shift_msa, scale_msa), self.layout, rope)
+        x = ops.gate_residual(x, gate_msa, h)
         if self.cross_attn is not None:
             x = x + self.cross_attn(x, context, context_mask)
-        h = self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x + per_sample(gate_mlp, x) * h
+        h = self.mlp(ops.norm_modulate(self.norm2, x, shift_mlp, scale_mlp))
+        return ops.gate_residual(x, gate_mlp, h)
 
 
 class AdaLNSingleFinalLayer(nn.Module):
@@ -444,7 +447,8 @@ class AdaLNSingleFinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, out_features)
         self.scale_shift_table = nn.Parameter(torch.randn(2, dim) / dim**0.5)
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t[:, None]).unbind(1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(self.ops.norm_modulate(self.norm_final, x, shift, scale))

@@ -53,8 +53,6 @@ from videosys.models.blocks import (
     PatchEmbed3D,
     Rotary,
     TimestepEmbedder,
-    modulate,
-    per_sample,
     rotary_tables,
     sincos_1d,
     sincos_2d,
@@ -68,6 +66,7 @@ from videosys.models.weights import (
     read_state_dict_file,
     require_exists,
 )
+from videosys.ops.kernels import TORCH_OPS
 
 # Published sizes (THUDM/CogVideoX-2b and -5b transformer/config.json), plus a CPU-sized `debug`
 # flavor that keeps rotary on so that CPU tests exercise the 5B path.
@@ -282,10 +281,12 @@ class JointLayerNormZero(nn.Module):
         super().__init__()
         self.linear = nn.Linear(cond_dim, 6 * dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor):
         shift, scale, gate, c_shift, c_scale, c_gate = self.linear(F.silu(cond)).chunk(6, dim=1)
-        return modulate(self.norm(x), shift, scale), modulate(self.norm(context), c_shift, c_scale), gate, c_gate
+        x = self.ops.norm_modulate(self.norm, x, shift, scale)
+        return x, self.ops.norm_modulate(self.norm, context, c_shift, c_scale), gate, c_gate
 
 
 class CogVideoXBlock(nn.Module):
@@ -297,6 +298,7 @@ class CogVideoXBlock(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm="layernorm", qk_norm_eps=_QK_NORM_EPS)
         self.norm2 = JointLayerNormZero(cond_dim, dim, norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ops = TORCH_OPS
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor, rope: Rotary | None = None
@@ -304,13 +306,14 @@ class CogVideoXBlock(nn.Module):
         """x: (B, N, C) video tokens, context: (B, L, C) text tokens, cond: (B, C_t) timestep embedding."""
         text_len = context.shape[1]
         x_in, c_in, gate, c_gate = self.norm1(x, context, cond)
+        ops = self.ops
         h = self.attn(torch.cat([c_in, x_in], dim=1), rope)
-        x = x + per_sample(gate, x) * h[:, text_len:]
-        context = context + per_sample(c_gate, context) * h[:, :text_len]
+        x = ops.gate_residual(x, gate, h[:, text_len:])
+        context = ops.gate_residual(context, c_gate, h[:, :text_len])
         x_in, c_in, gate, c_gate = self.norm2(x, context, cond)
         h = self.mlp(torch.cat([c_in, x_in], dim=1))
-        x = x + per_sample(gate, x) * h[:, text_len:]
-        context = context + per_sample(c_gate, context) * h[:, :text_len]
+        x = ops.gate_residual(x, gate, h[:, text_len:])
+        context = ops.gate_residual(context, c_gate, h[:, :text_len])
         return x, context
 
 
@@ -324,10 +327,11 @@ class CogVideoXFinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.linear = nn.Linear(dim, out_features)
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(cond).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(self.ops.norm_modulate(self.norm, x, shift, scale))
 
 
 class CogVideoX(nn.Module):

@@ -28,7 +28,6 @@ from videosys.models.blocks import (
     Mlp,
     PatchEmbed,
     TimestepEmbedder,
-    modulate,
     sincos_2d,
     xavier_init,
 )
@@ -39,6 +38,7 @@ from videosys.models.weights import (
     read_state_dict_file,
     require_exists,
 )
+from videosys.ops.kernels import TORCH_OPS
 
 # Published sizes (DiT paper, table 1) for patch sizes 2, 4 and 8, plus a CPU-sized `debug` flavor.
 _SIZES = {
@@ -114,12 +114,13 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.ops = TORCH_OPS
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        return x
+        ops = self.ops
+        x = ops.gate_residual(x, gate_msa, self.attn(ops.norm_modulate(self.norm1, x, shift_msa, scale_msa)))
+        return ops.gate_residual(x, gate_mlp, self.mlp(ops.norm_modulate(self.norm2, x, shift_mlp, scale_mlp)))
 
 
 class DiT(nn.Module):

@@ -1,14 +1,16 @@
 """The one place where execution strategies touch a model, applied in a fixed order:
 
-1. attention backend (every attention module's `attention_fn`),
+1. kernels: the attention backend (every attention module's `attention_fn`) and the block ops
+   (every module's `ops`: torch or fused Triton kernels),
 2. sequence parallelism (the model's `sequence` hooks and its self-attention modules; see
    `videosys.parallelize.sequence`),
 3. activation checkpointing (per transformer block),
-4. after the weights exist: ZeRO sharding with FSDP2 over the data-parallel and sequence-parallel
+4. torch.compile of each transformer block's forward (regional compilation),
+5. after the weights exist: ZeRO sharding with FSDP2 over the data-parallel and sequence-parallel
    ranks (`shard_parameters`),
-5. for sampling: classifier-free-guidance parallelism around the denoiser (`cfg_parallel`).
+6. for sampling: classifier-free-guidance parallelism around the denoiser (`cfg_parallel`).
 
-torch.compile joins this list; model code never applies any of them itself.
+Model code never applies any of them itself.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
 from videosys.distributed import DistContext, ParallelConfig, validate_for_model
 from videosys.distributed.collectives import all_gather_batch
-from videosys.models.blocks import Attention, AttentionModule
-from videosys.ops.attention import KernelsConfig, get_attention_backend
+from videosys.errors import ConfigError
+from videosys.models.blocks import Attention, AttentionModule, CrossAttention
+from videosys.ops import ATTENTION_BACKENDS, BlockOps, KernelsConfig, build_attention, build_block_ops
 from videosys.parallelize.sequence import SequenceParallel, sequence_comm_per_forward
 from videosys.precision import PrecisionConfig
 
@@ -36,6 +39,8 @@ class ParallelizePlan:
     attention_backend: str
     checkpointed_blocks: int
     sequence_parallel: str = "none"
+    fused_ops: str = "none"
+    compiled_blocks: int = 0
 
 
 def transformer_block_lists(model: nn.Module) -> list[nn.ModuleList]:
@@ -53,14 +58,34 @@ def parallelize(
     kernels: KernelsConfig,
     precision: PrecisionConfig,
     activation_checkpointing: bool = False,
+    training: bool = True,
 ) -> ParallelizePlan:
-    """Apply the configured strategies to `model` in place (it may still be on the meta device)."""
+    """Apply the configured strategies to `model` in place (it may still be on the meta device).
+    `training` says whether backward will run (some attention backends have none)."""
     del parallel  # its degrees were resolved into dist.dims by init_distributed
-    backend = get_attention_backend(kernels.attention, dist.device, precision.torch_dtype)
+    dims, backend = dist.dims, ATTENTION_BACKENDS.get(kernels.attention)
+    if dims.sp > 1 and dims.sp_mode in ("ring", "usp") and backend is not None and not backend.returns_lse:
+        raise ConfigError(
+            f"kernels.attention={backend.name!r} gives Ring attention no log-sum-exp to merge its blocks with "
+            f"(parallel.sp_mode={dims.sp_mode}); use kernels.attention=auto, sdpa, flash or math"
+        )
+    attention_modules = [m for m in model.modules() if isinstance(m, AttentionModule)]
+    attention = build_attention(
+        kernels.attention,
+        kernels.pad_head_dim,
+        dist.device,
+        precision.torch_dtype,
+        head_dims={m.head_dim for m in attention_modules},
+        masked=any(isinstance(m, CrossAttention) for m in attention_modules),
+        training=training,
+    )
+    for module in attention_modules:
+        module.attention_fn = attention
+    ops = build_block_ops(kernels, dist.device)
     for module in model.modules():
-        if isinstance(module, AttentionModule):
-            module.attention_fn = backend.fn
-    sequence = apply_sequence_parallel(model, dist, backend.fn)
+        if isinstance(getattr(module, "ops", None), BlockOps):
+            module.ops = ops
+    sequence = apply_sequence_parallel(model, dist, attention)
     checkpointed = 0
     if activation_checkpointing:
         for blocks in transformer_block_lists(model):
@@ -68,7 +93,29 @@ def parallelize(
                 # The wrapper's state-dict hooks keep state-dict keys unchanged.
                 blocks[i] = checkpoint_wrapper(block)
                 checkpointed += 1
-    return ParallelizePlan(backend.name, checkpointed, sequence)
+    compiled = compile_blocks(model, kernels.compile_mode, fullgraph=sequence == "none") if kernels.compile else 0
+    fused = ",".join(kernels.fused_switches) or "none"
+    return ParallelizePlan(attention.name, checkpointed, sequence, fused, compiled)
+
+
+def compile_blocks(model: nn.Module, mode: str, fullgraph: bool) -> int:
+    """torch.compile each transformer block's forward, in place (regional compilation: every block
+    of a list shares one compiled graph, and compile time does not grow with depth).
+
+    The forward method is compiled rather than the module, so that the hooks FSDP2 and activation
+    checkpointing put around a block stay in eager mode. Shapes are static (`dynamic=False`): a new
+    shape compiles again, and attention `auto` measures its choice at trace time. `fullgraph` holds
+    the blocks to no graph break; sequence-parallel attention runs between compiled regions.
+    """
+    count = 0
+    for blocks in transformer_block_lists(model):
+        for block in blocks:
+            inner = getattr(block, "_checkpoint_wrapped_module", block)
+            inner.forward = torch.compile(
+                inner.forward, fullgraph=fullgraph, dynamic=False, mode=None if mode == "default" else mode
+            )
+            count += 1
+    return count
 
 
 def apply_sequence_parallel(model: nn.Module, dist: DistContext, local_attention: Callable) -> str:

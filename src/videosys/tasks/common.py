@@ -128,6 +128,7 @@ def prepare_model(
     kernels: KernelsConfig,
     precision: PrecisionConfig,
     activation_checkpointing: bool = False,
+    training: bool = True,
 ) -> nn.Module:
     """Build on the meta device, apply the execution plan, then materialise and initialise.
 
@@ -136,16 +137,19 @@ def prepare_model(
     """
     with torch.device("meta"):
         model = build_model(model_cfg)
-    plan = parallelize(model, ctx.dist, parallel, kernels, precision, activation_checkpointing)
+    plan = parallelize(model, ctx.dist, parallel, kernels, precision, activation_checkpointing, training)
     model.to_empty(device=ctx.device)
     model.init_weights()
     params = sum(p.numel() for p in model.parameters())
     log.info(
-        "model %s/%s: %.2fM parameters, attention=%s, checkpointed blocks=%d, device=%s",
+        "model %s/%s: %.2fM parameters, attention=%s, fused ops=%s, compiled blocks=%d, checkpointed blocks=%d, "
+        "device=%s",
         model_cfg.name,
         model_cfg.flavor,
         params / 1e6,
         plan.attention_backend,
+        plan.fused_ops,
+        plan.compiled_blocks,
         plan.checkpointed_blocks,
         ctx.device,
     )

@@ -91,7 +91,7 @@ def sample(
         model_cfg = resolve_for_sampling(
             model_cfg, spec, vae, text_geometry(conditioner, spec) if entry.is_video else None, sampling
         )
-    model = prepare_model(model_cfg, ctx, parallel, kernels, precision)
+    model = prepare_model(model_cfg, ctx, parallel, kernels, precision, training=False)
     if meta is not None:
         load_checkpoint_weights(model, path, task.use_ema)
         log.info("sampling from %s (step %d, %s weights)", path, meta["step"], "EMA" if task.use_ema else "raw")

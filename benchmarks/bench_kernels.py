@@ -1,0 +1,244 @@
+"""Benchmark the fused Triton kernels of videosys.ops.fused on a CUDA GPU.
+
+For each shape and kernel it measures forward and forward+backward (median time via
+triton.testing.do_bench), the achieved bandwidth over the minimal bytes that must move, the ratio to the
+measured device-to-device copy bandwidth, and the same for the model's natural torch expression, eager and
+under torch.compile. It prints a markdown table and writes JSON.
+
+    python benchmarks/bench_kernels.py --dtype bf16 --out results.json
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke    # CPU: tiny shapes, correctness only
+
+Shapes are BxNxC[:G]: N tokens per sample, G modulation groups (default 1: per-sample shift/scale/gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# Where there is no GPU the kernels can only run through the Triton interpreter, chosen before the import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from videosys.ops import fused  # noqa: E402  (after TRITON_INTERPRET is settled)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEFAULT_SHAPES = [
+    "32x256x1152",  # DiT-XL/2 at 256px: 16x16 patches, batch 32
+    "2x24180x1152:13",  # Open-Sora 480p-ish: 13 latent frames x 1860 patches, per-frame modulation
+    "4x4096x1152",  # Latte: 16 frames x 256 patches
+]
+EPS = 1e-6
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    dims, _, groups = text.partition(":")
+    b, n, c = (int(v) for v in dims.split("x"))
+    return b, n, c, int(groups or 1)
+
+
+# The model's natural torch expressions in the working dtype (what the fused kernels replace).
+
+
+def torch_modulate(x, shift, scale):
+    b, g, c = scale.shape
+    return (x.view(b, g, -1, c) * (1 + scale[:, :, None]) + shift[:, :, None]).view(x.shape)
+
+
+def torch_layernorm_modulate(x, shift, scale):
+    return torch_modulate(F.layer_norm(x, (x.shape[-1],), eps=EPS), shift, scale)
+
+
+def torch_rms_norm(x, weight):
+    return F.rms_norm(x, (x.shape[-1],), weight, EPS)
+
+
+def torch_gate_residual(residual, gate, h):
+    b, g, c = gate.shape
+    return (residual.view(b, g, -1, c) + gate[:, :, None] * h.view(b, g, -1, c)).view(residual.shape)
+
+
+def kernels(b: int, n: int, c: int, g: int, dtype: torch.dtype, device: str) -> dict:
+    """Per kernel: (fused fn, torch fn, reference fn, input builder, bytes moved forward, bytes backward).
+
+    Bytes counted: every input read once and every output written once, in its own dtype: forward reads
+    the function's inputs and writes its output; backward reads the incoming gradient and what the
+    gradients need (x or h, the modulation scale or gate, the weight) and writes each input's gradient (the
+    residual's gradient is the incoming gradient itself, so it moves nothing). The per-row statistics the
+    norms save (20 bytes per row) and the fp32 partial sums are not counted."""
+    e = torch.empty((), dtype=dtype).element_size()
+    big, mod, vec = b * n * c * e, b * g * c * e, c * e
+
+    def make(*shapes):
+        def build():
+            return [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
+
+        return build
+
+    x, m = (b, n, c), (b, g, c)
+    return {
+        "modulate": (
+            fused.fused_modulate,
+            torch_modulate,
+            fused.modulate_reference,
+            make(x, m, m),
+            2 * big + 2 * mod,  # x, shift, scale -> y
+            3 * big + 3 * mod,  # dy, x, scale -> dx, dshift, dscale
+        ),
+        "layernorm_modulate": (
+            lambda x, shift, scale: fused.fused_layernorm_modulate(x, shift, scale, EPS),
+            torch_layernorm_modulate,
+            lambda x, shift, scale: fused.layernorm_modulate_reference(x, shift, scale, EPS),
+            make(x, m, m),
+            2 * big + 2 * mod,  # x, shift, scale -> y
+            3 * big + 3 * mod,  # dy, x, scale -> dx, dshift, dscale
+        ),
+        "rms_norm": (
+            lambda x, w: fused.fused_rms_norm(x, w, EPS),
+            torch_rms_norm,
+            lambda x, w: fused.rms_norm_reference(x, w, EPS),
+            make(x, (c,)),
+            2 * big + vec,  # x, weight -> y
+            3 * big + 2 * vec,  # dy, x, weight -> dx, dweight
+        ),
+        "gate_residual": (
+            fused.fused_gate_residual,
+            torch_gate_residual,
+            fused.gate_residual_reference,
+            make(x, m, x),
+            3 * big + mod,  # residual, gate, h -> out
+            3 * big + 2 * mod,  # dout, h, gate -> dh, dgate
+        ),
+    }
+
+
+def smoke() -> None:
+    """Tiny shapes: each fused kernel's output and gradients against its reference (no timing)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dtype in (torch.float32, torch.bfloat16):
+        for b, n, c, g in [(2, 12, 72, 1), (2, 12, 100, 3)]:
+            for name, (fn, _, ref, build, _, _) in kernels(b, n, c, g, dtype, device).items():
+                inputs = build()
+                out = fn(*inputs)
+                grad = torch.randn_like(out)
+                grads = torch.autograd.grad(out, inputs, grad)
+                ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+                expected = ref(*ref_inputs)
+                ref_grads = torch.autograd.grad(expected, ref_inputs, grad.float())
+                tol = dict(rtol=2e-2, atol=2e-2) if dtype != torch.float32 else dict(rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(out.float(), expected, **tol)
+                for got, want in zip(grads, ref_grads, strict=True):
+                    torch.testing.assert_close(got.float(), want, **tol)
+                print(f"ok  {name:20s} {str(dtype):15s} {b}x{n}x{c}:{g}")
+    print("smoke: all kernels match their references")
+
+
+def copy_bandwidth(dtype: torch.dtype) -> float:
+    """Device-to-device copy, bytes read + written per second, on 1 GiB buffers."""
+    from triton.testing import do_bench
+
+    numel = (1 << 30) // torch.empty((), dtype=dtype).element_size()
+    src = torch.empty(numel, device="cuda", dtype=dtype).normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
+    return 2 * numel * torch.empty((), dtype=dtype).element_size() / (ms * 1e-3)
+
+
+def bench_one(fn, inputs, grad) -> tuple[float, float]:
+    """(forward ms, forward + backward ms), medians."""
+    from triton.testing import do_bench
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def forward_backward():
+        fn(*inputs).backward(grad)
+
+    fwd = do_bench(forward, warmup=25, rep=200, return_mode="median")
+    both = do_bench(forward_backward, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
+    return fwd, both
+
+
+def run(shapes: list[str], dtype: torch.dtype) -> dict:
+    copy_bw = copy_bandwidth(dtype)
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth {copy_bw / 1e9:.0f} GB/s ({dtype})")
+    rows = []
+    for text in shapes:
+        b, n, c, g = parse_shape(text)
+        for name, (fn, torch_fn, _, build, fwd_bytes, bwd_bytes) in kernels(b, n, c, g, dtype, "cuda").items():
+            inputs = build()
+            grad = torch.randn_like(fn(*inputs))
+            compiled = torch.compile(torch_fn)
+            times = {label: bench_one(f, inputs, grad) for label, f in (("fused", fn), ("eager", torch_fn))}
+            times["compile"] = bench_one(compiled, inputs, grad)
+            row = {"shape": text, "kernel": name, "dtype": str(dtype).removeprefix("torch.")}
+            for phase, i, nbytes in (("fwd", 0, fwd_bytes), ("fwd_bwd", 1, fwd_bytes + bwd_bytes)):
+                ms = times["fused"][i]
+                bandwidth = nbytes / (ms * 1e-3)
+                row[phase] = {
+                    "bytes": nbytes,
+                    "fused_ms": ms,
+                    "eager_ms": times["eager"][i],
+                    "compile_ms": times["compile"][i],
+                    "fused_GBps": bandwidth / 1e9,
+                    "fraction_of_copy": bandwidth / copy_bw,
+                    "speedup_vs_eager": times["eager"][i] / ms,
+                    "speedup_vs_compile": times["compile"][i] / ms,
+                }
+            rows.append(row)
+            del inputs, grad
+            torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(), "copy_GBps": copy_bw / 1e9, "results": rows}
+
+
+def table(report: dict) -> str:
+    lines = [
+        f"Copy bandwidth: {report['copy_GBps']:.0f} GB/s on {report['device']}",
+        "",
+        "| shape | kernel | pass | fused ms | GB/s | of copy | eager ms | compile ms | vs eager | vs compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["results"]:
+        for phase in ("fwd", "fwd_bwd"):
+            r = row[phase]
+            lines.append(
+                f"| {row['shape']} | {row['kernel']} | {phase} | {r['fused_ms']:.3f} | {r['fused_GBps']:.0f} | "
+                f"{r['fraction_of_copy']:.0%} | {r['eager_ms']:.3f} | {r['compile_ms']:.3f} | "
+                f"{r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="BxNxC[:G] (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("results.json"))
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU or GPU)")
+    args = parser.parse_args()
+    if args.smoke:
+        smoke()
+        return
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py times CUDA kernels; without a GPU run it with --smoke")
+    for text in args.shapes:
+        b, n, c, g = parse_shape(text)
+        if n % g or min(b, n, c, g) <= 0 or math.prod((b, n, c)) == 0:
+            sys.exit(f"bad shape {text!r}: want BxNxC[:G] with G dividing N")
+    report = run(args.shapes, DTYPES[args.dtype])
+    print()
+    print(table(report))
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
