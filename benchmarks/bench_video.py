@@ -38,15 +38,17 @@ from videosys.precision import PrecisionConfig
 
 DTYPE = torch.bfloat16
 BATCH = 2  # batch 1 plus its unconditional (CFG) half
-_FUSED = dict(fused_modulate=True, fused_norm=True, fused_gate_residual=True)
-# The presets of configs/kernels/ (Hydra composes those; this script builds models directly).
-KERNEL_PRESETS = {
-    "none": KernelsConfig(),
-    "auto": KernelsConfig(name="auto", attention="auto", pad_head_dim="auto"),
-    "fused": KernelsConfig(name="fused", attention="auto", pad_head_dim="auto", **_FUSED),
-    "compile": KernelsConfig(name="compile", attention="auto", pad_head_dim="auto", compile=True),
-    "fused_compile": KernelsConfig(name="fused_compile", attention="auto", pad_head_dim="auto", compile=True, **_FUSED),
-}
+KERNEL_PRESETS = ("none", "auto", "fused", "compile", "fused_compile")  # configs/kernels/
+
+
+def kernels_preset(name: str) -> KernelsConfig:
+    """A configs/kernels/ preset, composed by Hydra as a run composes it (this script builds models itself)."""
+    from hydra import compose, initialize_config_dir
+
+    from videosys.run import config_dir, to_run_config
+
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return to_run_config(compose(config_name="config", overrides=[f"kernels={name}"])).kernels
 
 
 def with_kernels(model, preset: str, device):
@@ -55,7 +57,7 @@ def with_kernels(model, preset: str, device):
 
     model = copy.deepcopy(model)
     ctx = DistContext(rank=0, local_rank=0, world_size=1, device=device)
-    parallelize(model, ctx, ParallelConfig(), KERNEL_PRESETS[preset], PrecisionConfig("bf16", "bf16"), training=False)
+    parallelize(model, ctx, ParallelConfig(), kernels_preset(preset), PrecisionConfig("bf16", "bf16"), training=False)
     return model
 
 

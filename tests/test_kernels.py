@@ -5,7 +5,9 @@ eager torch. Kernel-level checks of the Triton kernels are in test_fused_kernels
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import time
 
 import pytest
 import torch
@@ -114,6 +116,28 @@ def test_auto_measures_each_call_shape_once_logs_it_and_keeps_the_fastest(caplog
     assert lines[0].split(": ", 1)[1].startswith(chosen.describe(72))
     torch.testing.assert_close(first, math_attention(q, k, v), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def _slowed(backend: AttentionBackend, seconds: float) -> AttentionBackend:
+    def slow(q, k, v, mask=None, scale=None):
+        time.sleep(seconds)
+        return backend.fn(q, k, v, mask, scale=scale)
+
+    return dataclasses.replace(backend, name=f"slow_{backend.name}", fn=slow)
+
+
+def test_auto_keeps_the_fastest_backend_whatever_the_order():
+    """The measured choice is the fastest candidate (one made 20 ms slower here), not the first listed."""
+    slow_math, sdpa = _slowed(ATTENTION_BACKENDS["math"], 0.02), ATTENTION_BACKENDS["sdpa"]
+    q, k, v = _qkv()
+    for candidates in ([slow_math, sdpa], [sdpa, slow_math]):
+        selector = AttentionSelector(candidates, pad_head_dim="off", measure_iters=2)
+        torch.testing.assert_close(selector(q, k, v), math_attention(q, k, v), rtol=1e-5, atol=1e-5)
+        assert [c.backend.name for c in selector.choices.values()] == ["sdpa"]
+    slow_sdpa = _slowed(sdpa, 0.02)
+    selector = AttentionSelector([slow_sdpa, ATTENTION_BACKENDS["math"]], pad_head_dim="off", measure_iters=2)
+    selector(q, k, v)
+    assert [c.backend.name for c in selector.choices.values()] == ["math"]
 
 
 def test_auto_choice_is_a_constant_of_the_compiled_graph():

@@ -108,8 +108,8 @@ def collate_skipping_bad(items: list) -> Batch:
     """Items are (item, draw_seed) pairs whose item is an (x, label) tuple (image datasets) or a dict
     with "x" and any of "label", "caption" and further tensors (video datasets)."""
     bad = [item for item in items if isinstance(item, BadSample)]
-    good = [item for item, _ in (pair for pair in items if not isinstance(pair, BadSample))]
-    seeds = [seed for _, seed in (pair for pair in items if not isinstance(pair, BadSample))]
+    pairs = [pair for pair in items if not isinstance(pair, BadSample)]
+    good, seeds = [item for item, _ in pairs], [seed for _, seed in pairs]
     if not good:
         return Batch(None, None, bad)
     if not isinstance(good[0], dict):

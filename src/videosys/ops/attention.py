@@ -231,7 +231,7 @@ def _device_and_dtype(signature: Signature) -> tuple[torch.device, torch.dtype]:
 class AttentionSelector:
     """The `attention_fn(q, k, v, mask)` of a model's attention modules.
 
-    With one candidate backend and a fixed padding choice it just runs it. Otherwise, for each new
+    With one candidate backend and a set padding choice it just runs it. Otherwise, for each new
     call signature it times every candidate (and padded head dim) that fits that call on the device,
     keeps the fastest, and logs the choice and the timings once. Under torch.compile (static shapes)
     the choice is made at trace time and the compiled graph calls the chosen kernel directly.
@@ -247,9 +247,9 @@ class AttentionSelector:
         self.pad_head_dim = pad_head_dim  # "auto" (measured), "off", or a head dim as a string
         self.measure_iters = measure_iters
         self.choices: dict[Signature, AttentionChoice] = {}
-        self.fixed = None
-        if len(candidates) == 1 and pad_head_dim == "off":
-            self.fixed = AttentionChoice(candidates[0])
+        self.fixed = None  # one backend and a set padding: nothing to measure
+        if len(candidates) == 1 and pad_head_dim != "auto":
+            self.fixed = AttentionChoice(candidates[0], None if pad_head_dim == "off" else int(pad_head_dim))
         self.by_name = {backend.name: backend for backend in candidates}  # never changes: compile reads it
 
         def choose(signature: Signature) -> tuple[str, int | None]:
@@ -263,8 +263,6 @@ class AttentionSelector:
     def __call__(self, q, k, v, mask=None) -> torch.Tensor:
         if self.fixed is not None:
             return self.fixed(q, k, v, mask)
-        if self.pad_head_dim not in ("auto", "off") and len(self.candidates) == 1:
-            return AttentionChoice(self.candidates[0], int(self.pad_head_dim))(q, k, v, mask)
         name, head_dim = self._choose_constant(call_signature(q, k, v, mask))
         return run_attention(self.by_name[name], head_dim, q, k, v, mask)
 

@@ -26,8 +26,9 @@ torch sums the partials; no atomics.
 The plain torch ``*_reference`` functions below (fp32 compute, or fp64 for fp64 inputs, cast to the output
 dtype) are the ground truth that the tests and benchmarks compare the kernels against.
 
-Every kernel is a ``torch.library.triton_op`` in the ``videosys`` namespace with its autograd registered,
-so it runs eagerly and traces into ``torch.compile`` graphs on CUDA. On a CPU the kernels run only through
+Every kernel is a ``torch.library.triton_op`` in the ``videosys`` namespace with its autograd registered, so
+it traces into ``torch.compile`` graphs on CUDA; eagerly the same launchers and autograd formulas run through
+a plain autograd.Function (see "Eager path"). On a CPU the kernels run only through
 the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported).
 """
 
@@ -41,6 +42,8 @@ import torch
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from videosys.ops.kernels import gate_residual_torch, modulate_torch, modulation_groups
 
 try:
     import triton
@@ -80,29 +83,6 @@ NORM_BWD_ELEMS_PER_WARP = 512
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _groups(x: Tensor, m: Tensor, name: str) -> int:
-    """G for a modulation tensor `m` (named `name`) applied to x of shape (B, *tokens, C)."""
-    if x.dim() < 3:
-        raise ValueError(f"x must be (B, *tokens, C) with at least one token axis, got shape {tuple(x.shape)}")
-    batch, channels = x.shape[0], x.shape[-1]
-    tokens = math.prod(x.shape[1:-1])
-    if m.dim() == 2 and tuple(m.shape) == (batch, channels):
-        return 1
-    grouped = m.dim() == 3 and m.shape[0] == batch and m.shape[2] == channels and m.shape[1] > 0
-    if grouped and tokens % m.shape[1] == 0:
-        return m.shape[1]
-    raise ValueError(
-        f"{name} must be (B, C) or (B, G, C) with G dividing the {tokens} tokens per sample of x; "
-        f"got {name} of shape {tuple(m.shape)} for x of shape {tuple(x.shape)}"
-    )
-
-
-def _as_groups(x: Tensor, m: Tensor, name: str) -> Tensor:
-    """`m` as (B, G, C) (a view)."""
-    groups = _groups(x, m, name)
-    return m.reshape(x.shape[0], groups, x.shape[-1])
-
-
 def _check_vector(v: Tensor | None, channels: int, name: str, x: Tensor) -> None:
     if v is not None and tuple(v.shape) != (channels,):
         raise ValueError(f"{name} must be ({channels},) for x of shape {tuple(x.shape)}, got {tuple(v.shape)}")
@@ -118,17 +98,9 @@ def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _modulate_math(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """x * (1 + scale) + shift with (B, G, C) modulation, in the dtype of the inputs."""
-    b, g, c = scale.shape
-    xg = x.reshape(b, g, -1, c)
-    return (xg * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(x.shape)
-
-
 def modulate_reference(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     dtype = _compute_dtype(x, shift, scale)
-    shift, scale = _as_groups(x, shift, "shift"), _as_groups(x, scale, "scale")
-    return _modulate_math(x.to(dtype), shift.to(dtype), scale.to(dtype)).to(x.dtype)
+    return modulate_torch(x.to(dtype), shift.to(dtype), scale.to(dtype)).to(x.dtype)
 
 
 def layernorm_modulate_reference(
@@ -141,7 +113,6 @@ def layernorm_modulate_reference(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     dtype = _compute_dtype(x, shift, scale, weight, bias)
-    shift, scale = _as_groups(x, shift, "shift"), _as_groups(x, scale, "scale")
     channels = x.shape[-1]
     _check_vector(weight, channels, "weight", x)
     _check_vector(bias, channels, "bias", x)
@@ -156,7 +127,7 @@ def layernorm_modulate_reference(
         normed = normed * w
     if b is not None:
         normed = normed + b
-    return _modulate_math(normed, shift.to(dtype), scale.to(dtype)).to(out_dtype or x.dtype)
+    return modulate_torch(normed, shift.to(dtype), scale.to(dtype)).to(out_dtype or x.dtype)
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
@@ -171,10 +142,7 @@ def gate_residual_reference(residual: Tensor, gate: Tensor, h: Tensor) -> Tensor
     if residual.shape != h.shape:
         raise ValueError(f"residual and h must have the same shape, got {tuple(residual.shape)} and {tuple(h.shape)}")
     dtype = _compute_dtype(residual, gate, h)
-    gate = _as_groups(h, gate, "gate").to(dtype)
-    b, g, c = gate.shape
-    out = residual.to(dtype).reshape(b, g, -1, c) + gate[:, :, None] * h.to(dtype).reshape(b, g, -1, c)
-    return out.reshape(residual.shape).to(residual.dtype)
+    return gate_residual_torch(residual.to(dtype), gate.to(dtype), h.to(dtype)).to(residual.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -695,13 +663,16 @@ def _launch_norm_bwd(dy2d, x2d, weight, bias, scale, stats, group_len, center) -
 # autograd maps the gradients back to the callers' shapes).
 
 
+def _custom_op(name: str, impl):
+    """`impl` (a launcher with a typed signature) registered as the custom op videosys::`name`."""
+    return triton_op(f"videosys::{name}", mutates_args=())(impl)
+
+
 def _modulate_impl(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return _launch_scale_add(x, scale, shift, one_plus=True, add_per_group=True, out_dtype=x.dtype)
 
 
-@triton_op("videosys::modulate", mutates_args=())
-def _modulate_op(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return _modulate_impl(x, shift, scale)
+_modulate_op = _custom_op("modulate", _modulate_impl)
 
 
 def _modulate_backward_impl(dy: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -709,9 +680,7 @@ def _modulate_backward_impl(dy: Tensor, x: Tensor, scale: Tensor) -> tuple[Tenso
     return dx, dshift, dscale
 
 
-@triton_op("videosys::modulate_backward", mutates_args=())
-def _modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return _modulate_backward_impl(dy, x, scale)
+_modulate_backward_op = _custom_op("modulate_backward", _modulate_backward_impl)
 
 
 def _modulate_setup(ctx, inputs, output):
@@ -722,7 +691,7 @@ def _modulate_setup(ctx, inputs, output):
 
 def _modulate_backward(ctx, dy):
     x, scale = ctx.saved_tensors
-    dx, dshift, dscale = _traced_or_eager(_modulate_backward_op, _modulate_backward_impl)(dy, x, scale)
+    dx, dshift, dscale = _traced_or_eager(_modulate_backward_op, _modulate_backward_impl, dy)(dy, x, scale)
     return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype)
 
 
@@ -733,9 +702,7 @@ def _gate_residual_impl(residual: Tensor, gate: Tensor, h: Tensor) -> Tensor:
     return _launch_scale_add(h, gate, residual, one_plus=False, add_per_group=False, out_dtype=residual.dtype)
 
 
-@triton_op("videosys::gate_residual", mutates_args=())
-def _gate_residual_op(residual: Tensor, gate: Tensor, h: Tensor) -> Tensor:
-    return _gate_residual_impl(residual, gate, h)
+_gate_residual_op = _custom_op("gate_residual", _gate_residual_impl)
 
 
 def _gate_residual_backward_impl(dout: Tensor, gate: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -743,9 +710,9 @@ def _gate_residual_backward_impl(dout: Tensor, gate: Tensor, h: Tensor) -> tuple
     return dh, dgate
 
 
-@triton_op("videosys::gate_residual_backward", mutates_args=())
-def _gate_residual_backward_op(dout: Tensor, gate: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    return _gate_residual_backward_impl(dout, gate, h)
+_gate_residual_backward_op = triton_op("videosys::gate_residual_backward", mutates_args=())(
+    _gate_residual_backward_impl
+)
 
 
 def _gate_residual_setup(ctx, inputs, output):
@@ -756,7 +723,7 @@ def _gate_residual_setup(ctx, inputs, output):
 
 def _gate_residual_backward(ctx, dout):
     gate, h = ctx.saved_tensors
-    dh, dgate = _traced_or_eager(_gate_residual_backward_op, _gate_residual_backward_impl)(dout, gate, h)
+    dh, dgate = _traced_or_eager(_gate_residual_backward_op, _gate_residual_backward_impl, dout)(dout, gate, h)
     # d residual is dout itself: no kernel, no copy unless the dtype differs.
     return dout.to(ctx.residual_dtype), dgate.to(gate.dtype), dh
 
@@ -788,17 +755,7 @@ def _layernorm_modulate_impl(
     return y.reshape(batch, tokens, channels), stats
 
 
-@triton_op("videosys::layernorm_modulate", mutates_args=())
-def _layernorm_modulate_op(
-    x: Tensor,
-    shift: Tensor,
-    scale: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    out_dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
-    return _layernorm_modulate_impl(x, shift, scale, weight, bias, eps, out_dtype)
+_layernorm_modulate_op = _custom_op("layernorm_modulate", _layernorm_modulate_impl)
 
 
 def _layernorm_modulate_backward_impl(
@@ -823,11 +780,9 @@ def _layernorm_modulate_backward_impl(
     return dx.reshape(x.shape), dshift, dscale, dw, db
 
 
-@triton_op("videosys::layernorm_modulate_backward", mutates_args=())
-def _layernorm_modulate_backward_op(
-    dy: Tensor, x: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, stats: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _layernorm_modulate_backward_impl(dy, x, scale, weight, bias, stats)
+_layernorm_modulate_backward_op = triton_op("videosys::layernorm_modulate_backward", mutates_args=())(
+    _layernorm_modulate_backward_impl
+)
 
 
 def _layernorm_modulate_setup(ctx, inputs, output):
@@ -839,9 +794,9 @@ def _layernorm_modulate_setup(ctx, inputs, output):
 
 def _layernorm_modulate_backward(ctx, dy, _dstats):
     x, scale, weight, bias, stats = ctx.saved_tensors
-    dx, dshift, dscale, dw, db = _traced_or_eager(_layernorm_modulate_backward_op, _layernorm_modulate_backward_impl)(
-        dy, x, scale, weight, bias, stats
-    )
+    dx, dshift, dscale, dw, db = _traced_or_eager(
+        _layernorm_modulate_backward_op, _layernorm_modulate_backward_impl, dy
+    )(dy, x, scale, weight, bias, stats)
     return (
         dx,
         dshift.to(ctx.shift_dtype),
@@ -863,9 +818,7 @@ def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype
     )
 
 
-@triton_op("videosys::rms_norm", mutates_args=())
-def _rms_norm_op(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    return _rms_norm_impl(x, weight, eps, out_dtype)
+_rms_norm_op = _custom_op("rms_norm", _rms_norm_impl)
 
 
 def _rms_norm_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
@@ -876,9 +829,7 @@ def _rms_norm_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor
     return dx, part[2].sum(dim=(0, 1))
 
 
-@triton_op("videosys::rms_norm_backward", mutates_args=())
-def _rms_norm_backward_op(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
-    return _rms_norm_backward_impl(dy, x, weight, stats)
+_rms_norm_backward_op = _custom_op("rms_norm_backward", _rms_norm_backward_impl)
 
 
 def _rms_norm_setup(ctx, inputs, output):
@@ -889,7 +840,7 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, dy, _dstats):
     x, weight, stats = ctx.saved_tensors
-    dx, dw = _traced_or_eager(_rms_norm_backward_op, _rms_norm_backward_impl)(dy, x, weight, stats)
+    dx, dw = _traced_or_eager(_rms_norm_backward_op, _rms_norm_backward_impl, dy)(dy, x, weight, stats)
     return dx, dw.to(weight.dtype), None, None
 
 
@@ -910,8 +861,9 @@ def _tracing(probe: Tensor) -> bool:
     return not plain or is_in_torch_dispatch_mode() or torch.compiler.is_compiling()
 
 
-def _traced_or_eager(op, impl):
-    return impl if not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode() else op
+def _traced_or_eager(op, impl, probe: Tensor):
+    """The custom op while tracing, else its launcher."""
+    return op if _tracing(probe) else impl
 
 
 @dataclass(frozen=True)
@@ -961,7 +913,7 @@ def _tokens_view(x: Tensor) -> Tensor:
 
 def fused_modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """x * (1 + scale) + shift; shift / scale (B, C) or (B, G, C) (see the module docstring)."""
-    shift, scale = _as_groups(x, shift, "shift"), _as_groups(x, scale, "scale")
+    shift, scale = modulation_groups(x, shift, "shift"), modulation_groups(x, scale, "scale")
     return _call(_MODULATE, _tokens_view(x), shift, scale).reshape(x.shape)
 
 
@@ -975,7 +927,7 @@ def fused_layernorm_modulate(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """(LayerNorm(x) * weight + bias) * (1 + scale) + shift, LayerNorm over the last dim."""
-    shift, scale = _as_groups(x, shift, "shift"), _as_groups(x, scale, "scale")
+    shift, scale = modulation_groups(x, shift, "shift"), modulation_groups(x, scale, "scale")
     _check_vector(weight, x.shape[-1], "weight", x)
     _check_vector(bias, x.shape[-1], "bias", x)
     args = (_tokens_view(x), shift, scale, weight, bias, float(eps), out_dtype or x.dtype)
@@ -996,5 +948,5 @@ def fused_gate_residual(residual: Tensor, gate: Tensor, h: Tensor) -> Tensor:
     """residual + gate * h; gate (B, C) or (B, G, C), residual and h of one shape (B, *tokens, C)."""
     if residual.shape != h.shape:
         raise ValueError(f"residual and h must have the same shape, got {tuple(residual.shape)} and {tuple(h.shape)}")
-    gate = _as_groups(h, gate, "gate")
+    gate = modulation_groups(h, gate, "gate")
     return _call(_GATE_RESIDUAL, _tokens_view(residual), gate, _tokens_view(h)).reshape(residual.shape)

@@ -16,6 +16,7 @@ ours from the graph (H200, bf16: DiT-XL/2 training 551 vs 524 samples/s, Open-So
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -43,26 +44,38 @@ class KernelsConfig:
         return [k for k in ("fused_modulate", "fused_norm", "fused_gate_residual") if getattr(self, k)]
 
 
-def modulation_view(v: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x viewed as (B, G, tokens per group, C), v viewed as (B, G, 1, C)) for broadcasting."""
-    if v.dim() == 2:
-        v = v[:, None]
-    if v.dim() != 3 or v.shape[0] != x.shape[0] or v.shape[-1] != x.shape[-1]:
-        raise ValueError(f"modulation of shape {tuple(v.shape)} does not fit tokens {tuple(x.shape)}")
-    return x.reshape(x.shape[0], v.shape[1], -1, x.shape[-1]), v[:, :, None]
+def modulation_groups(x: torch.Tensor, m: torch.Tensor, name: str) -> torch.Tensor:
+    """The modulation tensor `m` (named `name`) for tokens x (B, *tokens, C) as (B, G, C): a (B, C) tensor
+    is one group per sample; a (B, G, C) one needs G to divide the tokens per sample. Anything else is a
+    ValueError that names both shapes."""
+    if x.dim() < 3:
+        raise ValueError(f"x must be (B, *tokens, C) with at least one token axis, got shape {tuple(x.shape)}")
+    batch, channels, tokens = x.shape[0], x.shape[-1], math.prod(x.shape[1:-1])
+    if m.dim() == 2 and tuple(m.shape) == (batch, channels):
+        return m[:, None]
+    if m.dim() == 3 and m.shape[0] == batch and m.shape[2] == channels and m.shape[1] > 0 and tokens % m.shape[1] == 0:
+        return m
+    raise ValueError(
+        f"{name} must be (B, C) or (B, G, C) with G dividing the {tokens} tokens per sample of x; "
+        f"got {name} of shape {tuple(m.shape)} for x of shape {tuple(x.shape)}"
+    )
+
+
+def _grouped(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """x (B, *tokens, C) viewed as (B, G, tokens per group, C) for (B, G, C) `groups`."""
+    return x.reshape(x.shape[0], groups.shape[1], -1, x.shape[-1])
 
 
 def modulate_torch(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation x * (1 + scale) + shift, broadcast per sample (or per group of tokens)."""
-    grouped, scale = modulation_view(scale, x)
-    _, shift = modulation_view(shift, x)
-    return (grouped * (1 + scale) + shift).view(x.shape)
+    scale, shift = modulation_groups(x, scale, "scale"), modulation_groups(x, shift, "shift")
+    return (_grouped(x, scale) * (1 + scale[:, :, None]) + shift[:, :, None]).view(x.shape)
 
 
 def gate_residual_torch(x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """The gated residual add x + gate * h."""
-    grouped, gate = modulation_view(gate, h)
-    return x + (gate * grouped).view(h.shape)
+    gate = modulation_groups(h, gate, "gate")
+    return x + (gate[:, :, None] * _grouped(h, gate)).view(h.shape)
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,26 +99,31 @@ class BlockOps:
     fused_norm: bool = False
     fused_gate_residual: bool = False
 
+    @staticmethod
+    def _fused_now(switch: bool) -> bool:
+        # Inside compiled code the torch path is traced, for inductor to fuse (see the module docstring).
+        return switch and not torch.compiler.is_compiling()
+
     def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if self.fused_modulate and not torch.compiler.is_compiling():
+        if self._fused_now(self.fused_modulate):
             return _fused().fused_modulate(x, shift, scale)
         return modulate_torch(x, shift, scale)
 
     def norm_modulate(self, norm: torch.nn.LayerNorm, x, shift, scale) -> torch.Tensor:
         """`modulate(norm(x), shift, scale)`; one pass over x with the fused norm kernel."""
-        if self.fused_norm and not torch.compiler.is_compiling():
+        if self._fused_now(self.fused_norm):
             return _fused().fused_layernorm_modulate(
                 x, shift, scale, norm.eps, norm.weight, norm.bias, out_dtype=_autocast_dtype(x)
             )
         return self.modulate(norm(x), shift, scale)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if self.fused_norm and not torch.compiler.is_compiling():
+        if self._fused_now(self.fused_norm):
             return _fused().fused_rms_norm(x, weight, eps, out_dtype=_autocast_dtype(x))
         return rms_norm_torch(x, weight, eps)
 
     def gate_residual(self, x: torch.Tensor, gate: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_residual and not torch.compiler.is_compiling():
+        if self._fused_now(self.fused_gate_residual):
             return _fused().fused_gate_residual(x, gate, h)
         return gate_residual_torch(x, gate, h)
 

@@ -14,7 +14,7 @@ import resource
 import statistics
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -200,7 +200,7 @@ def bench(
         "mode": task.mode,
         "precision": precision.dtype,
         "attention": kernels.attention,
-        "kernels": {k: getattr(kernels, k) for k in ("fused_modulate", "fused_norm", "fused_gate_residual", "compile")},
+        "kernels": asdict(kernels),
         "activation_checkpointing": task.activation_checkpointing,
         "device": device_name,
         "world_size": ctx.dist.world_size,

@@ -160,8 +160,9 @@ def load_external_weights(model: nn.Module, model_cfg) -> None:
     """model.weights: a VideoSys checkpoint folder (its EMA weights), or the model's published formats."""
     if not model_cfg.weights:
         return
-    if ckpt_io.is_checkpoint(Path(model_cfg.weights).expanduser()):
-        load_checkpoint_weights(model, Path(model_cfg.weights).expanduser(), use_ema=True)
+    path = Path(model_cfg.weights).expanduser()
+    if ckpt_io.is_checkpoint(path):
+        load_checkpoint_weights(model, path, use_ema=True)
     else:
         model_entry(model_cfg.name).load_weights(model, model_cfg.weights)
     log.info("loaded weights from %s", model_cfg.weights)
