@@ -120,3 +120,19 @@ def save_tiny_vae(path: Path, channels: int = 3) -> Path:
 @pytest.fixture
 def tiny_vae(tmp_path: Path) -> Path:
     return save_tiny_vae(tmp_path / "vae")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm (tests/slurm_cluster.py), started once for the session. Where it cannot
+    run the test skips with the reason; in CI (CI=true) that is a failure instead."""
+    import slurm_cluster
+
+    reason = slurm_cluster.missing()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the Slurm tests must run in CI: {reason}")
+        pytest.skip(reason)
+    cluster = slurm_cluster.SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()

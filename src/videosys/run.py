@@ -9,7 +9,9 @@ module that sees the whole config, and the only one that imports Hydra or OmegaC
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
+import json
 import logging
 import os
 import random
@@ -24,12 +26,14 @@ import numpy as np
 import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from videosys.cache import PABConfig
 from videosys.data import DATA_CONFIGS
 from videosys.diffusion import DiffusionConfig, SamplingConfig
-from videosys.distributed import ParallelConfig, init_distributed, shutdown_distributed
+from videosys.distributed import ParallelConfig, adopt_task_environment, init_distributed, shutdown_distributed
 from videosys.encoders import TextEncoderConfig, VAEConfig
 from videosys.errors import ConfigError
 from videosys.models import MODELS
@@ -263,25 +267,97 @@ def report(task: str, run_dir: Path, metrics: dict) -> None:
 register_schemas(ConfigStore.instance())
 
 
+def write_status(run_dir: Path, status: str, **details) -> None:
+    """run_dir/status.json: how the job ended, read by the sweep summary."""
+    record = {"status": status, "run_dir": str(run_dir), **details}
+    (run_dir / "status.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+class SweepSummary(Callback):
+    """After a multirun: summary.md and summary.csv in the sweep directory, one row per job with its
+    overrides, status and final metrics; a failed job's row names its log. Exits non-zero when a job failed
+    (after writing the summary), so a script sees the failure. Registered in configs/config.yaml."""
+
+    METRICS = ("final_loss", "class_accuracy", "digit_accuracy", "direction_accuracy", "samples_per_second")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = [self.row(job) for job in sorted(sweep_dir.glob("*/.hydra/overrides.yaml"), key=_job_order)]
+        if not rows:
+            return
+        columns = ["job", "overrides", "status", *self.METRICS, "log"]
+        with open(sweep_dir / "summary.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+        (sweep_dir / "summary.md").write_text("\n".join(lines) + "\n")
+        failed = [row for row in rows if row["status"] != "completed"]
+        print(f"sweep summary: {sweep_dir / 'summary.md'} ({len(rows) - len(failed)} of {len(rows)} completed)")
+        for row in failed:
+            print(f"  job {row['job']} {row['status']}: see {row['log']}", file=sys.stderr)
+        if failed:
+            sys.exit(1)
+
+    def row(self, overrides_file: Path) -> dict:
+        job_dir = overrides_file.parent.parent
+        overrides = OmegaConf.load(overrides_file)
+        row = {"job": job_dir.name, "overrides": " ".join(str(o) for o in overrides), "log": job_dir / "videosys.log"}
+        status_file = job_dir / "status.json"
+        if not status_file.exists():  # killed (time limit, node failure) before it could say
+            return {**row, "status": "did not finish"}
+        status = json.loads(status_file.read_text())
+        row["status"] = status["status"]
+        metrics = status.get("metrics") or {}
+        row.update({k: f"{metrics[k]:.4g}" for k in self.METRICS if isinstance(metrics.get(k), (int, float))})
+        return row
+
+
+def _job_order(overrides_file: Path):
+    name = overrides_file.parent.parent.name
+    return (0, int(name)) if name.isdigit() else (1, name)
+
+
 @hydra.main(version_base=None, config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> dict | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    adopt_task_environment()  # a Slurm / submitit task knows its rank only from the launcher's variables
     rank = int(os.environ.get("RANK", "0"))
     quiet_other_ranks(rank)
     finished = False
     try:
         run_cfg = to_run_config(cfg)
+        if run_cfg.resume is None and os.environ.get("SUBMITIT_EXECUTOR"):
+            # A submitit job (Slurm or local) may be a requeued one after a time limit or preemption: it
+            # continues from the newest checkpoint of its run directory; a first start finds none.
+            log.info("submitit job (restarts so far: %s): resume=auto", os.environ.get("SLURM_RESTART_COUNT", "n/a"))
+            run_cfg.resume = "auto"
         resolved = OmegaConf.to_container(cfg, resolve=True)
         metrics = execute(run_cfg, run_dir, resolved)
         finished = True
-    except (ConfigError, FileNotFoundError) as err:
-        log.error("%s", err)
+    except Exception as err:
+        known = isinstance(err, (ConfigError, FileNotFoundError))
+        if known:
+            log.error("%s", err)
+        else:
+            log.exception("run failed")
         if rank == 0:
+            if multirun:  # one failed job of a sweep is recorded; the others go on
+                write_status(run_dir, "failed", error=f"{type(err).__name__}: {err}", log=run_dir / "videosys.log")
             print(f"videosys: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        if multirun:
+            return None
+        if known:
+            sys.exit(2)
+        raise
     finally:
         shutdown_distributed(wait_for_peers=finished)
     if not run_cfg.dry_run and rank == 0:
+        if multirun:
+            write_status(run_dir, "completed", metrics=metrics)
         report(run_cfg.task.name, run_dir, metrics)
     return metrics
 

@@ -9,6 +9,8 @@ The returned `DistContext` is owned by the run and hands out the groups the stra
 from __future__ import annotations
 
 import os
+import re
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +40,8 @@ __all__ = [
     "resolve_device",
     "resolve_dims",
     "shutdown_distributed",
+    "adopt_task_environment",
+    "first_host",
     "validate_for_model",
 ]
 
@@ -85,6 +89,40 @@ class DistContext:
         return self._comms[name]
 
 
+# Launchers that start one process per task without torchrun: the variables that give (world size,
+# rank, local rank, job id, node list). A Slurm step task (srun, or submitit on Slurm) has the step's
+# variables; a batch script itself does not, so `python -m videosys.run` inside one stays one process.
+_TASK_LAUNCHERS = (
+    ("SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_JOB_ID", "SLURM_STEP_NODELIST"),
+    ("SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_LOCALID", "SUBMITIT_LOCAL_JOB_ID", None),
+)
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: "gpu[03-05,9],cpu1" -> "gpu03"."""
+    prefix, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist).groups()
+    return prefix + (re.split("[,-]", ranges)[0] if ranges else "")
+
+
+def adopt_task_environment() -> None:
+    """Give one task of a multi-task Slurm (or submitit-local) job torchrun's variables, so that it joins
+    the same torch.distributed world the same way: RANK, WORLD_SIZE and LOCAL_RANK from the task, rank 0's
+    host as MASTER_ADDR and a port derived from the job id (every task computes the same). Variables that
+    torchrun (or the user) already set win."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    for world_var, rank_var, local_var, job_var, nodes_var in _TASK_LAUNCHERS:
+        if int(os.environ.get(world_var, "1")) > 1 and rank_var in os.environ:
+            master = first_host(os.environ[nodes_var]) if nodes_var else "127.0.0.1"
+            port = 20000 + zlib.crc32(os.environ.get(job_var, "0").encode()) % 20000
+            os.environ.setdefault("MASTER_ADDR", master)
+            os.environ.setdefault("MASTER_PORT", str(port))
+            os.environ["WORLD_SIZE"] = os.environ[world_var]
+            os.environ["RANK"] = os.environ[rank_var]
+            os.environ["LOCAL_RANK"] = os.environ.get(local_var, "0")
+            return
+
+
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     """`auto` picks this process's CUDA GPU when present; an unavailable explicit device is an error."""
     if requested == "auto":
@@ -108,6 +146,7 @@ def init_distributed(cfg: ParallelConfig, device: str = "auto", fake_world_size:
     if fake_world_size is not None:
         world_size, rank, local_rank = fake_world_size, 0, 0
     else:
+        adopt_task_environment()
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -43,6 +43,7 @@ from videosys.tasks.common import (
     text_geometry,
 )
 from videosys.tasks.media import save_loss_curve
+from videosys.tasks.preemption import StopRequest
 from videosys.tasks.tracking import read_metrics, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -358,21 +359,27 @@ def train(
     started = time.perf_counter()
     first_step = step
     progress = _Progress(ctx, task.steps, step)
-    while step < task.steps:
-        lr = learning_rate(optimizer_cfg, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        micro_batches = [stream.next() for _ in range(task.grad_accum)]
-        loss, grad_norm = optimizer_step(
-            model, objective, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip, shard_group
-        )
-        ema.update(model)
-        step += 1
-        progress.record(step, loss, grad_norm, lr)
-        if step % task.log_every == 0 or step % task.ckpt_every == 0 or step == task.steps:
-            progress.flush()
-        if step % task.ckpt_every == 0 or step == task.steps:
-            save(step)
+    with StopRequest() as stop:
+        while step < task.steps:
+            lr = learning_rate(optimizer_cfg, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [stream.next() for _ in range(task.grad_accum)]
+            loss, grad_norm = optimizer_step(
+                model, objective, micro_batches, optimizer, scaler, precision, optimizer_cfg.grad_clip, shard_group
+            )
+            ema.update(model)
+            step += 1
+            progress.record(step, loss, grad_norm, lr)
+            stopping = stop.requested(dist.comm("world"), device)
+            if stopping or step % task.log_every == 0 or step % task.ckpt_every == 0 or step == task.steps:
+                progress.flush()
+            if stopping or step % task.ckpt_every == 0 or step == task.steps:
+                save(step)
+            if stopping:  # a time limit or preemption: the checkpoint is written, let the launcher act
+                log.warning("stopped at step %d on request; resume continues from %s", step, run_dir)
+                progress.close()
+                stop.hand_over()
     progress.close()
     train_seconds = time.perf_counter() - started
     if not ckpt_io.list_checkpoints(ckpt_io.checkpoint_dir(run_dir)):
