@@ -12,7 +12,10 @@ import os
 import pytest
 import torch
 
+from videosys.ops import fused
 from videosys.ops.fused import (
+    LaunchParams,
+    PassLaunch,
     fused_gate_residual,
     fused_layernorm_modulate,
     fused_modulate,
@@ -127,6 +130,10 @@ CASES = {
     "fp32-one-sample-many-rows": ((1, 300, 72), 2, F32, F32, "contiguous", "contiguous"),
     "fp32-wide": ((2, 3, 5000), None, F32, F32, "contiguous", "contiguous"),
     "bf16-wide-frames": ((1, 2, 2, 5000), 2, BF16, BF16, "transposed", "contiguous"),
+    # Power-of-two rows (no tail); groups of 5 rows, fewer than a row tile.
+    "fp32-pow2-short-groups": ((3, 40, 128), 8, F32, F32, "contiguous", "contiguous"),
+    # 96 = 64 + 32: an exactly full tail; groups of 150 rows, split and not a multiple of a row tile.
+    "bf16-exact-tail-long-groups": ((2, 2, 150, 96), 2, BF16, BF16, "contiguous", "contiguous"),
 }
 
 
@@ -213,6 +220,42 @@ def test_modulate_grad_of_sum_is_expanded_and_out_dtype_follows_x():
     torch.manual_seed(5)
     args = [_leaf((2, 37, 72), BF16, "contiguous"), _leaf((2, 72), F32, "expanded"), _leaf((2, 72), F32, "contiguous")]
     _check(fused_modulate, modulate_reference, args, {}, "cpu", reduced={1, 2}, sum_backward=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch choices change the tiling, never the results
+# ----------------------------------------------------------------------------------------------------------
+
+LAUNCH_VARIANTS = {
+    # One-row tiles (norms: head 64 + tail 64) of one warp, many programs: most splits are a single tile.
+    "tiny-tiles": PassLaunch(tile=32, block_c=128, warp_elems=32, num_stages=1, programs_per_sm=64),
+    # Norm rows wider than 64 go through the chunked path; 2-row tiles, 16 column blocks of 4 per program.
+    "chunked": PassLaunch(tile=128, block_c=64, warp_elems=64, num_stages=2, programs_per_sm=3),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(LAUNCH_VARIANTS))
+def test_launch_choices_keep_results(variant, device, monkeypatch):
+    """Every pass under other launch parameters (as benchmarks/tune_kernels.py swaps them in): rows of 100
+    (head 64 + masked tail, or chunks), groups of 7 rows (ragged tiles), B > 1, G > 1."""
+    params = LAUNCH_VARIANTS[variant]
+    monkeypatch.setattr(fused, "LAUNCH", LaunchParams(**dict.fromkeys(fused.LAUNCH.__dataclass_fields__, params)))
+    torch.manual_seed(8)
+    shape, mod = (2, 3, 7, 100), (2, 3, 100)
+    x, m1, m2, vec = (
+        _leaf(shape, F32, "contiguous"),
+        _leaf(mod, F32, "contiguous"),
+        _leaf(mod, F32, "contiguous"),
+        _leaf((100,), F32, "contiguous"),
+    )
+    _check(fused_modulate, modulate_reference, [x, m1, m2], {}, device, reduced={1, 2})
+    _check(
+        fused_gate_residual, gate_residual_reference, [x, m1, _leaf(shape, F32, "contiguous")], {}, device, reduced={1}
+    )
+    args = [x, m1, m2, EPS, vec, _leaf((100,), F32, "contiguous")]
+    _check(fused_layernorm_modulate, layernorm_modulate_reference, args, {}, device, reduced={1, 2, 4, 5})
+    _check(fused_rms_norm, rms_norm_reference, [x, vec, EPS], {}, device, reduced={1})
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -23,6 +23,10 @@ The gradients of the broadcast tensors (shift, scale, gate, weight, bias) are su
 deterministically: each program reduces a block of rows of one (sample, group) into an fp32 partial, and
 torch sums the partials; no atomics.
 
+Launch choices (rows per tile, column block, warps, pipelining depth, programs per SM) live in one frozen
+``LAUNCH = LaunchParams(...)``, one ``PassLaunch`` per kernel pass, from which small pure functions derive
+the block sizes for a channel count; benchmarks/tune_kernels.py measures alternatives.
+
 The plain torch ``*_reference`` functions below (fp32 compute, or fp64 for fp64 inputs, cast to the output
 dtype) are the ground truth that the tests and benchmarks compare the kernels against.
 
@@ -54,6 +58,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 __all__ = [
+    "LAUNCH",
+    "LaunchParams",
+    "PassLaunch",
     "fused_gate_residual",
     "fused_layernorm_modulate",
     "fused_modulate",
@@ -63,20 +70,6 @@ __all__ = [
     "modulate_reference",
     "rms_norm_reference",
 ]
-
-# Elementwise kernels: tiles of ELEMENTWISE_BLOCK_C columns (a multiple of 128 divides the usual DiT widths
-# 1152 / 3072 exactly) x enough rows for TILE elements, which gives each thread a few 16-byte loads.
-ELEMENTWISE_BLOCK_C = 128
-TILE = 4096
-# Norm kernels hold whole rows up to this width in registers; wider rows are processed in chunks. A program
-# holds about NORM_TILE elements per row block, with a warp per NORM_FWD_ELEMS_PER_WARP elements forward
-# and per NORM_BWD_ELEMS_PER_WARP backward (it keeps x, dy, their derived tiles and up to four column
-# accumulators). Picked on an H200 for C = 1152 bf16: more rows or warps per program were slower.
-MAX_NORM_BLOCK_C = 4096
-NORM_TILE = 2048
-NORM_FWD_ELEMS_PER_WARP = 1024
-NORM_BWD_ELEMS_PER_WARP = 512
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Shapes
@@ -146,11 +139,100 @@ def gate_residual_reference(residual: Tensor, gate: Tensor, h: Tensor) -> Tensor
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Launch parameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PassLaunch:
+    """How one kernel pass is launched at any channel count C (the launchers derive the block sizes):
+
+    - tile: elements per row tile: BLOCK_M = tile // (its columns), at least 1, at most the group's rows.
+    - block_c: elementwise kernels: the widest column block. Norms: the widest row held in registers (as a
+      power-of-two head plus a power-of-two tail, so C = 1152 is 1024 + 128 lanes, none idle); wider rows
+      are processed in chunks of block_c. A power of two.
+    - warp_elems: tile elements per warp: num_warps = BLOCK_M * (columns) // warp_elems, within 1..8.
+    - num_stages: software-pipelining depth of the loop over row tiles.
+    - programs_per_sm: the (group, split[, column block]) grid aims at about this many programs per SM.
+    """
+
+    tile: int
+    block_c: int
+    warp_elems: int
+    num_stages: int
+    programs_per_sm: int
+
+
+@dataclass(frozen=True)
+class LaunchParams:
+    """Every kernel pass's launch choices. The launchers read the module attribute LAUNCH at each call, so a
+    benchmark may swap in a modified copy (dataclasses.replace) to tune them; nothing else should."""
+
+    modulate_fwd: PassLaunch
+    modulate_bwd: PassLaunch
+    gate_residual_fwd: PassLaunch
+    gate_residual_bwd: PassLaunch
+    layernorm_modulate_fwd: PassLaunch
+    layernorm_modulate_bwd: PassLaunch
+    rms_norm_fwd: PassLaunch
+    rms_norm_bwd: PassLaunch
+
+
+# First choices from the sm_90 register counts (ptxas, no GPU at hand): tiles of ~16 elements per thread
+# keep the elementwise kernels near 50-90 registers (the old 32-row tiles with whole-tile accumulators
+# needed 255 and spilled), norm rows as 1024 + 128 lanes (none idle) over 4 warps. Forward grids are large
+# (no partials to sum, short loops balance well); backward grids are about one resident wave (5 programs of
+# ~90 registers x 128 threads per SM), each summing many rows into one fp32 partial. num_stages: the
+# Triton 3.x pipeliner leaves these dot-free loops alone, so 1. Tune on the target GPU with
+# benchmarks/tune_kernels.py and copy its suggestion here.
+_ELEMENTWISE_FWD = PassLaunch(tile=2048, block_c=256, warp_elems=512, num_stages=1, programs_per_sm=32)
+_ELEMENTWISE_BWD = PassLaunch(tile=2048, block_c=256, warp_elems=512, num_stages=1, programs_per_sm=5)
+_NORM_FWD = PassLaunch(tile=2048, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=32)
+_NORM_BWD = PassLaunch(tile=1024, block_c=4096, warp_elems=256, num_stages=1, programs_per_sm=5)
+LAUNCH = LaunchParams(
+    modulate_fwd=_ELEMENTWISE_FWD,
+    modulate_bwd=_ELEMENTWISE_BWD,
+    gate_residual_fwd=_ELEMENTWISE_FWD,
+    gate_residual_bwd=_ELEMENTWISE_BWD,
+    layernorm_modulate_fwd=_NORM_FWD,
+    layernorm_modulate_bwd=_NORM_BWD,
+    rms_norm_fwd=_NORM_FWD,
+    rms_norm_bwd=_NORM_BWD,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
 # Layout everywhere: the token rows of x are the rows of a contiguous (R, C) matrix, R = B * M; a modulation
-# tensor is a contiguous (B * G, C) matrix, and row r uses its row r // L, L = M // G (rows of one sample are
-# consecutive, and so are the L rows of one group). Offsets are int64: R * C can pass 2^31.
+# tensor is a contiguous (B * G, C) matrix whose row g belongs to the L = M // G consecutive rows
+# [g * L, (g + 1) * L) of x. Every kernel runs programs over (group g, split of the group's rows[, column
+# block]): a program loads group g's vectors (modulation, norm weight and bias) once into registers, then
+# walks its split BLOCK_M rows at a time. Offsets are int64: R * C can pass 2^31.
+
+
+@triton.jit
+def _split_rows(split, rows_per_split, group_len):
+    """[start, end) of this split within its group."""
+    start = split * rows_per_split
+    return start, tl.minimum(start + rows_per_split, group_len)
+
+
+@triton.jit
+def _fold_rows(t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC_ROWS: tl.constexpr):
+    """t [BLOCK_M, BLOCK_C] summed down to [ACC_ROWS, BLOCK_C] (row i into row i % ACC_ROWS). With ACC_ROWS
+    the rows of one layout repetition this stays in each thread's registers, and a column accumulator of
+    that size costs a few registers instead of a whole tile's."""
+    return tl.sum(tl.reshape(t, [BLOCK_M // ACC_ROWS, ACC_ROWS, BLOCK_C]), axis=0)
+
+
+@triton.jit
+def _vector(ptr, cols, cmask, default: tl.constexpr, PRESENT: tl.constexpr):
+    """ptr[cols] as fp32, or `default` everywhere when the tensor is absent."""
+    v = tl.full(cols.shape, default, tl.float32)
+    if PRESENT:
+        v = tl.load(ptr + cols, mask=cmask, other=default).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -159,29 +241,38 @@ def _scale_add_fwd_kernel(
     m_ptr,
     add_ptr,
     out_ptr,
-    n_rows,
     C,
     group_len,
+    rows_per_split,
     ONE_PLUS: tl.constexpr,
     ADD_PER_GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out = x * (1 + m) + add (modulate: add = shift, per group) or x * m + add (gate: add = residual)."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows < n_rows)[:, None] & (cols < C)[None, :]
-    offs = rows[:, None] * C + cols[None, :]
-    mod_offs = (rows // group_len)[:, None] * C + cols[None, :]
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + mod_offs, mask=mask, other=0.0).to(tl.float32)
+    """out = x * (1 + m) + add (modulate: add = shift, per group) or x * m + add (gate: add = residual, per
+    row) for program (group g, split, column block)."""
+    g = tl.program_id(0).to(tl.int64)
+    start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    m = tl.load(m_ptr + g * C + cols, mask=cmask, other=0.0).to(tl.float32)
     if ONE_PLUS:
         m = 1.0 + m
+    a = tl.zeros([BLOCK_C], dtype=tl.float32)
     if ADD_PER_GROUP:
-        a = tl.load(add_ptr + mod_offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        a = tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, tl.fma(x, m, a).to(out_ptr.dtype.element_ty), mask=mask)
+        a = tl.load(add_ptr + g * C + cols, mask=cmask, other=0.0).to(tl.float32)
+    base = g * group_len
+    for r0 in range(start, end, BLOCK_M):
+        local = r0 + tl.arange(0, BLOCK_M)
+        mask = (local < end)[:, None] & cmask[None, :]
+        offs = (base + local)[:, None] * C + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if ADD_PER_GROUP:
+            add = tl.broadcast_to(a[None, :], [BLOCK_M, BLOCK_C])
+        else:
+            add = tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.fma(x, tl.broadcast_to(m[None, :], [BLOCK_M, BLOCK_C]), add)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -200,34 +291,33 @@ def _scale_add_bwd_kernel(
     SUM_DY: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ACC_ROWS: tl.constexpr,
 ):
     """Backward of out = x * (1 + m) + add for program (group g, split, column block): writes
     dx = dy * (1 + m) for its rows and the fp32 partial column sums part[0, g, split] = sum(dy * x) (the
     gradient of m) and, with SUM_DY, part[1, g, split] = sum(dy) (the gradient of a per-group add)."""
     g = tl.program_id(0)
     split = tl.program_id(1)
+    start, end = _split_rows(split, rows_per_split, group_len)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    # All rows of this program share one modulation vector: load it once.
     m = tl.load(m_ptr + g.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32)
     if ONE_PLUS:
         m = 1.0 + m
-    start = split * rows_per_split
-    end = tl.minimum(start + rows_per_split, group_len)
     base = g.to(tl.int64) * group_len
-    # 2-D accumulators: the cross-row (cross-warp) reduction happens once, after the loop.
-    acc_m = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc_dy = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    # Folded accumulators: the cross-thread reduction happens once, after the loop.
+    acc_m = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
+    acc_dy = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        mask = (rows < end)[:, None] & cmask[None, :]
-        offs = (base + rows)[:, None] * C + cols[None, :]
+        local = r0 + tl.arange(0, BLOCK_M)
+        mask = (local < end)[:, None] & cmask[None, :]
+        offs = (base + local)[:, None] * C + cols[None, :]
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + offs, (dy * m[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
-        acc_m += dy * x
+        acc_m += _fold_rows(dy * x, BLOCK_M, BLOCK_C, ACC_ROWS)
         if SUM_DY:
-            acc_dy += dy
+            acc_dy += _fold_rows(dy, BLOCK_M, BLOCK_C, ACC_ROWS)
     plane = n_groups * n_splits * C
     out = (g * n_splits + split).to(tl.int64) * C + cols
     tl.store(part_ptr + out, tl.sum(acc_m, axis=0), mask=cmask)
@@ -246,10 +336,36 @@ def _pow2_row_scale(absmax):
 
 
 @triton.jit
-def _normalize(x, s, pivot, md, r_s, mask):
-    """xhat = ((x * s - pivot) - md) * r_s, zero outside `mask`; the same expression forward and backward."""
-    xhat = ((x * s[:, None] - pivot[:, None]) - md[:, None]) * r_s[:, None]
-    return tl.where(mask, xhat, 0.0)
+def _centred(x, s, pivot, md):
+    """(x * s - pivot) - md: the scaled row relative to its mean; the same expression forward and backward
+    (xhat = _centred(...) * r_s)."""
+    return (x * s[:, None] - pivot[:, None]) - md[:, None]
+
+
+@triton.jit
+def _affine_modulate(xhat, w, b, one_plus_scale, shift, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_MOD: tl.constexpr):  # fmt: skip
+    """(xhat * w + b) * (1 + scale) + shift, each factor only where present."""
+    z = xhat
+    if HAS_WEIGHT:
+        z = z * w[None, :]
+    if HAS_BIAS:
+        z = z + b[None, :]
+    if HAS_MOD:
+        z = tl.fma(z, tl.broadcast_to(one_plus_scale[None, :], z.shape), tl.broadcast_to(shift[None, :], z.shape))
+    return z
+
+
+@triton.jit
+def _row_stats(var, s, eps, inv_sqrt_eps):
+    """r_s = rsqrt(var + eps * s^2) (0 where that is 0: a constant row with eps underflowed) and the unscaled
+    rstd = 1 / sqrt(var / s^2 + eps) that dx needs."""
+    denom = var + eps * s * s
+    r_s = tl.where(denom > 0.0, tl.rsqrt(tl.where(denom > 0.0, denom, 1.0)), 0.0)
+    # var > 0 means var >= ~1e-14 / C in the scaled domain, where s * r_s is accurate; a zero variance
+    # (eps * s^2 may have underflowed) is rstd = 1 / sqrt(eps) exactly.
+    rstd = tl.where(var > 0.0, s * r_s, inv_sqrt_eps)
+    return r_s, rstd
 
 
 @triton.jit
@@ -264,105 +380,129 @@ def _norm_fwd_kernel(
     n_rows,
     C,
     group_len,
+    rows_per_split,
     eps,
     inv_sqrt_eps,
     CENTER: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_MOD: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TAIL_C: tl.constexpr,
 ):
-    """LayerNorm (CENTER) or RMSNorm of BLOCK_M rows, then optional affine and modulate.
+    """LayerNorm (CENTER) or RMSNorm, then optional affine and modulate, for program (group g, split).
 
     Per row (s: power-of-two row scale, pivot = s * x[0] for LayerNorm, 0 for RMSNorm):
       md = mean(s*x - pivot), var = mean((s*x - pivot - md)^2)  (for RMSNorm: mean((s*x)^2)),
-      r_s = rsqrt(var + eps * s^2) (0 where that is 0: a constant row with eps underflowed),
-      rstd = 1 / sqrt(var / s^2 + eps), the unscaled factor that dx needs.
+      r_s = rsqrt(var + eps * s^2), rstd = 1 / sqrt(var / s^2 + eps) (see _row_stats).
     stats (5, R) fp32 = (s, pivot, md, r_s, rstd) is saved for the backward.
-    ONE_CHUNK: the whole row is one register tile, loaded once; otherwise the passes loop over chunks.
+    Unless CHUNKED a row is held in registers as a head of BLOCK_C columns (all < C: no column mask) and,
+    with HAS_TAIL, a masked tail of TAIL_C columns from BLOCK_C on; the group's vectors are loaded once.
+    CHUNKED: the passes loop over chunks of BLOCK_C columns, reloading x (and the vectors, from cache).
     """
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < n_rows
-    row_offs = rows * C
-    mod_offs = (rows // group_len) * C
-    cols0 = tl.arange(0, BLOCK_C)
-
-    # Pass 1: max |x| per row.
-    if ONE_CHUNK:
-        mask = rmask[:, None] & (cols0 < C)[None, :]
-        x = tl.load(x_ptr + row_offs[:, None] + cols0[None, :], mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.max(tl.abs(x), axis=1)
-    else:
-        absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = rmask[:, None] & (cols < C)[None, :]
-            xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            absmax = tl.maximum(absmax, tl.max(tl.abs(xc), axis=1))
-    s = _pow2_row_scale(absmax)
-    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
-
-    # Pass 2 (LayerNorm): mean relative to the first element, exact zero for a constant row.
-    pivot = zero
-    md = zero
-    if CENTER:
-        pivot = tl.load(x_ptr + row_offs, mask=rmask, other=0.0).to(tl.float32) * s
-        if ONE_CHUNK:
-            md = tl.sum(tl.where(mask, x * s[:, None] - pivot[:, None], 0.0), axis=1) / C
-        else:
-            acc = zero
+    g = tl.program_id(0).to(tl.int64)
+    start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
+    base = g * group_len
+    mod_row = g * C
+    head = tl.arange(0, BLOCK_C)
+    tail = BLOCK_C + tl.arange(0, TAIL_C)
+    tmask = tail < C
+    everywhere = head < BLOCK_C
+    w_h = _vector(w_ptr, head, everywhere, 1.0, HAS_WEIGHT and not CHUNKED)
+    b_h = _vector(b_ptr, head, everywhere, 0.0, HAS_BIAS and not CHUNKED)
+    sc_h = 1.0 + _vector(scale_ptr + mod_row, head, everywhere, 0.0, HAS_MOD and not CHUNKED)
+    sh_h = _vector(shift_ptr + mod_row, head, everywhere, 0.0, HAS_MOD and not CHUNKED)
+    w_t = _vector(w_ptr, tail, tmask, 1.0, HAS_WEIGHT and HAS_TAIL)
+    b_t = _vector(b_ptr, tail, tmask, 0.0, HAS_BIAS and HAS_TAIL)
+    sc_t = 1.0 + _vector(scale_ptr + mod_row, tail, tmask, 0.0, HAS_MOD and HAS_TAIL)
+    sh_t = _vector(shift_ptr + mod_row, tail, tmask, 0.0, HAS_MOD and HAS_TAIL)
+    for r0 in range(start, end, BLOCK_M):
+        local = r0 + tl.arange(0, BLOCK_M)
+        rmask = local < end
+        rows = base + local
+        row_offs = rows * C
+        zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if CHUNKED:
+            # Pass 1: max |x| per row.
+            absmax = zero
             for c0 in range(0, C, BLOCK_C):
-                cols = c0 + cols0
+                cols = c0 + head
                 mask = rmask[:, None] & (cols < C)[None, :]
                 xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                acc += tl.sum(tl.where(mask, xc * s[:, None] - pivot[:, None], 0.0), axis=1)
-            md = acc / C
-
-    # Pass 3: variance (LayerNorm) or mean square (RMSNorm) of the scaled, centred row.
-    one = zero + 1.0
-    if ONE_CHUNK:
-        d = _normalize(x, s, pivot, md, one, mask)
-        var = tl.sum(d * d, axis=1) / C
-    else:
-        acc = zero
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            mask = rmask[:, None] & (cols < C)[None, :]
-            xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            d = _normalize(xc, s, pivot, md, one, mask)
-            acc += tl.sum(d * d, axis=1)
-        var = acc / C
-    denom = var + eps * s * s
-    r_s = tl.where(denom > 0.0, tl.rsqrt(tl.where(denom > 0.0, denom, 1.0)), 0.0)
-    # var > 0 means var >= ~1e-14 / C in the scaled domain, where s * r_s is accurate; a zero variance
-    # (eps * s^2 may have underflowed) is rstd = 1 / sqrt(eps) exactly.
-    rstd = tl.where(var > 0.0, s * r_s, inv_sqrt_eps)
-    tl.store(stats_ptr + rows, s, mask=rmask)
-    tl.store(stats_ptr + n_rows + rows, pivot, mask=rmask)
-    tl.store(stats_ptr + 2 * n_rows + rows, md, mask=rmask)
-    tl.store(stats_ptr + 3 * n_rows + rows, r_s, mask=rmask)
-    tl.store(stats_ptr + 4 * n_rows + rows, rstd, mask=rmask)
-
-    # Pass 4: normalise, affine, modulate, store.
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + cols0
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        if not ONE_CHUNK:
-            x = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = _normalize(x, s, pivot, md, r_s, mask)
-        if HAS_WEIGHT:
-            z = z * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_BIAS:
-            z = z + tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-        if HAS_MOD:
-            offs = mod_offs[:, None] + cols[None, :]
-            sc = tl.load(scale_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            sh = tl.load(shift_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            z = tl.fma(z, 1.0 + sc, sh)
-        tl.store(y_ptr + row_offs[:, None] + cols[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
+                absmax = tl.maximum(absmax, tl.max(tl.abs(xc), axis=1))
+            s = _pow2_row_scale(absmax)
+            # Pass 2 (LayerNorm): mean relative to the first element, exact zero for a constant row.
+            pivot = zero
+            md = zero
+            if CENTER:
+                pivot = tl.load(x_ptr + row_offs, mask=rmask, other=0.0).to(tl.float32) * s
+                acc = zero
+                for c0 in range(0, C, BLOCK_C):
+                    cols = c0 + head
+                    mask = rmask[:, None] & (cols < C)[None, :]
+                    xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                    acc += tl.sum(tl.where(mask, xc * s[:, None] - pivot[:, None], 0.0), axis=1)
+                md = acc / C
+            # Pass 3: variance (LayerNorm) or mean square (RMSNorm) of the scaled, centred row.
+            acc = zero
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + head
+                mask = rmask[:, None] & (cols < C)[None, :]
+                xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                d = tl.where(mask, _centred(xc, s, pivot, md), 0.0)
+                acc += tl.sum(d * d, axis=1)
+            r_s, rstd = _row_stats(acc / C, s, eps, inv_sqrt_eps)
+            # Pass 4: normalise, affine, modulate, store.
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + head
+                cmask = cols < C
+                mask = rmask[:, None] & cmask[None, :]
+                xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                w = _vector(w_ptr, cols, cmask, 1.0, HAS_WEIGHT)
+                b = _vector(b_ptr, cols, cmask, 0.0, HAS_BIAS)
+                sc = 1.0 + _vector(scale_ptr + mod_row, cols, cmask, 0.0, HAS_MOD)
+                sh = _vector(shift_ptr + mod_row, cols, cmask, 0.0, HAS_MOD)
+                z = _affine_modulate(_centred(xc, s, pivot, md) * r_s[:, None], w, b, sc, sh,
+                                     HAS_WEIGHT, HAS_BIAS, HAS_MOD)  # fmt: skip
+                tl.store(y_ptr + row_offs[:, None] + cols[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            mask_h = rmask[:, None]  # broadcast over the head's columns, all < C
+            mask_t = rmask[:, None] & tmask[None, :]
+            x_h = tl.load(x_ptr + row_offs[:, None] + head[None, :], mask=mask_h, other=0.0).to(tl.float32)
+            x_t = tl.zeros([BLOCK_M, TAIL_C], dtype=tl.float32)
+            if HAS_TAIL:
+                x_t = tl.load(x_ptr + row_offs[:, None] + tail[None, :], mask=mask_t, other=0.0).to(tl.float32)
+            absmax = tl.max(tl.abs(x_h), axis=1)
+            if HAS_TAIL:
+                absmax = tl.maximum(absmax, tl.max(tl.abs(x_t), axis=1))
+            s = _pow2_row_scale(absmax)
+            pivot = zero
+            md = zero
+            if CENTER:
+                pivot = tl.load(x_ptr + row_offs, mask=rmask, other=0.0).to(tl.float32) * s
+                acc = tl.sum(x_h * s[:, None] - pivot[:, None], axis=1)
+                if HAS_TAIL:
+                    acc += tl.sum(tl.where(mask_t, x_t * s[:, None] - pivot[:, None], 0.0), axis=1)
+                md = acc / C
+            d_h = _centred(x_h, s, pivot, md)
+            acc = tl.sum(d_h * d_h, axis=1)
+            d_t = tl.where(mask_t, _centred(x_t, s, pivot, md), 0.0)
+            if HAS_TAIL:
+                acc += tl.sum(d_t * d_t, axis=1)
+            r_s, rstd = _row_stats(acc / C, s, eps, inv_sqrt_eps)
+            z_h = _affine_modulate(d_h * r_s[:, None], w_h, b_h, sc_h, sh_h, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
+            tl.store(y_ptr + row_offs[:, None] + head[None, :], z_h.to(y_ptr.dtype.element_ty), mask=mask_h)
+            if HAS_TAIL:
+                z_t = _affine_modulate(d_t * r_s[:, None], w_t, b_t, sc_t, sh_t, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
+                tl.store(y_ptr + row_offs[:, None] + tail[None, :], z_t.to(y_ptr.dtype.element_ty), mask=mask_t)
+        tl.store(stats_ptr + rows, s, mask=rmask)
+        tl.store(stats_ptr + n_rows + rows, pivot, mask=rmask)
+        tl.store(stats_ptr + 2 * n_rows + rows, md, mask=rmask)
+        tl.store(stats_ptr + 3 * n_rows + rows, r_s, mask=rmask)
+        tl.store(stats_ptr + 4 * n_rows + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -376,14 +516,54 @@ def _load_stats(stats_ptr, n_rows, rows, rmask):
 
 
 @triton.jit
-def _norm_bwd_tile(x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w, one_plus_scale):
+def _norm_bwd_tile(x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGHT: tl.constexpr,
+                   HAS_MOD: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """(dy, xhat, dz, dxhat) of a tile: z = xhat * w + b is the affine output, dz = dy * (1 + scale) its
-    gradient and dxhat = dz * w the gradient of the normalised row (w = 1, scale = 0 when absent)."""
+    gradient and dxhat = dz * w the gradient of the normalised row. MASKED: xhat is zeroed outside `mask`
+    (dy, and so dz and dxhat, load as zero there), so masked lanes add nothing to the row sums."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    xhat = _normalize(x, s, pivot, md, r_s, mask)
-    dz = dy * one_plus_scale
-    return dy, xhat, dz, dz * w
+    xhat = _centred(x, s, pivot, md) * r_s[:, None]
+    if MASKED:
+        xhat = tl.where(mask, xhat, 0.0)
+    dz = dy
+    if HAS_MOD:
+        dz = dy * one_plus_scale[None, :]
+    dxhat = dz
+    if HAS_WEIGHT:
+        dxhat = dz * w[None, :]
+    return dy, xhat, dz, dxhat
+
+
+@triton.jit
+def _norm_bwd_dx(xhat, dxhat, rstd, c1, c2, CENTER: tl.constexpr):
+    """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), no mean(dxhat) term for RMSNorm."""
+    if CENTER:
+        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+    else:
+        dx = rstd[:, None] * (dxhat - xhat * c2[:, None])
+    return dx
+
+
+@triton.jit
+def _norm_bwd_accumulate(acc_shift, acc_scale, acc_w, acc_b, dy, xhat, dz, w, b, HAS_WEIGHT: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_C: tl.constexpr, ACC_ROWS: tl.constexpr):  # fmt: skip
+    """The column sums a tile adds: dy (d shift), dy * z (d scale), dz * xhat (d weight), dz (d bias); only
+    those the flags need are computed (the others stay as they are)."""
+    if HAS_MOD:
+        z = xhat
+        if HAS_WEIGHT:
+            z = z * w[None, :]
+        if HAS_BIAS:
+            z = z + b[None, :]
+        acc_shift += _fold_rows(dy, BLOCK_M, BLOCK_C, ACC_ROWS)
+        acc_scale += _fold_rows(dy * z, BLOCK_M, BLOCK_C, ACC_ROWS)
+    if HAS_WEIGHT:
+        acc_w += _fold_rows(dz * xhat, BLOCK_M, BLOCK_C, ACC_ROWS)
+    if HAS_BIAS:
+        acc_b += _fold_rows(dz, BLOCK_M, BLOCK_C, ACC_ROWS)
+    return acc_shift, acc_scale, acc_w, acc_b
 
 
 @triton.jit
@@ -397,36 +577,38 @@ def _norm_bwd_rowsum_kernel(
     n_rows,
     C,
     group_len,
+    rows_per_split,
     HAS_WEIGHT: tl.constexpr,
     HAS_MOD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Rows wider than one register tile: the row means mean(dxhat) and mean(dxhat * xhat) that dx needs,
-    into rowsum (2, R) fp32, chunk by chunk."""
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rmask = rows < n_rows
-    mod_offs = (rows // group_len) * C
-    s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
-    c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        cmask = cols < C
-        mask = rmask[:, None] & cmask[None, :]
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        one_plus_scale = tl.full([BLOCK_M, BLOCK_C], 1.0, tl.float32)
-        if HAS_MOD:
-            sc = tl.load(scale_ptr + mod_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            one_plus_scale = 1.0 + sc
-        offs = rows[:, None] * C + cols[None, :]
-        dy, xhat, dz, dxhat = _norm_bwd_tile(x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w[None, :], one_plus_scale)
-        c1 += tl.sum(dxhat, axis=1)
-        c2 += tl.sum(dxhat * xhat, axis=1)
-    tl.store(rowsum_ptr + rows, c1 / C, mask=rmask)
-    tl.store(rowsum_ptr + n_rows + rows, c2 / C, mask=rmask)
+    """Rows wider than one register tile, program (group g, split): the row means mean(dxhat) and
+    mean(dxhat * xhat) that dx needs, into rowsum (2, R) fp32, chunk by chunk."""
+    g = tl.program_id(0).to(tl.int64)
+    start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
+    base = g * group_len
+    for r0 in range(start, end, BLOCK_M):
+        local = r0 + tl.arange(0, BLOCK_M)
+        rmask = local < end
+        rows = base + local
+        s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+        c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            cmask = cols < C
+            mask = rmask[:, None] & cmask[None, :]
+            w = _vector(w_ptr, cols, cmask, 1.0, HAS_WEIGHT)
+            sc = 1.0 + _vector(scale_ptr + g * C, cols, cmask, 0.0, HAS_MOD)
+            offs = rows[:, None] * C + cols[None, :]
+            dy, xhat, dz, dxhat = _norm_bwd_tile(
+                x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w, sc, HAS_WEIGHT, HAS_MOD, True
+            )
+            c1 += tl.sum(dxhat, axis=1)
+            c2 += tl.sum(dxhat * xhat, axis=1)
+        tl.store(rowsum_ptr + rows, c1 / C, mask=rmask)
+        tl.store(rowsum_ptr + n_rows + rows, c2 / C, mask=rmask)
 
 
 @triton.jit
@@ -450,72 +632,107 @@ def _norm_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_MOD: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    CHUNKED: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TAIL_C: tl.constexpr,
+    ACC_ROWS: tl.constexpr,
+    TAIL_ACC_ROWS: tl.constexpr,
 ):
     """Backward of the norm kernel for program (group g, split, column block), one pass over x and dy:
       dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (no mean(dxhat) term for RMSNorm)
     and the fp32 partial column sums over its rows, part (4, n_groups, n_splits, C):
       [0] sum dy (d shift), [1] sum dy * z (d scale), [2] sum dz * xhat (d weight), [3] sum dz (d bias).
-    ONE_CHUNK: a row fits one tile and the row means are computed here; otherwise rowsum holds them."""
+    Unless CHUNKED a row is a head of BLOCK_C columns plus, with HAS_TAIL, a masked tail of TAIL_C (as in
+    the forward) and the row means are computed here; CHUNKED: the column block is a chunk of BLOCK_C and
+    rowsum holds the row means."""
     g = tl.program_id(0)
     split = tl.program_id(1)
+    start, end = _split_rows(split, rows_per_split, group_len)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
+    tail = BLOCK_C + tl.arange(0, TAIL_C)
+    tmask = tail < C
+    mod_row = g.to(tl.int64) * C
     # Loaded once: every row of this program belongs to group g.
-    w = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
-        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    one_plus_scale = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_MOD:
-        one_plus_scale = 1.0 + tl.load(scale_ptr + g.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32)
+    w_h = _vector(w_ptr, cols, cmask, 1.0, HAS_WEIGHT)
+    b_h = _vector(b_ptr, cols, cmask, 0.0, HAS_BIAS)
+    sc_h = 1.0 + _vector(scale_ptr + mod_row, cols, cmask, 0.0, HAS_MOD)
+    w_t = _vector(w_ptr, tail, tmask, 1.0, HAS_WEIGHT and HAS_TAIL)
+    b_t = _vector(b_ptr, tail, tmask, 0.0, HAS_BIAS and HAS_TAIL)
+    sc_t = 1.0 + _vector(scale_ptr + mod_row, tail, tmask, 0.0, HAS_MOD and HAS_TAIL)
     base = g.to(tl.int64) * group_len
-    end = tl.minimum((split + 1) * rows_per_split, group_len)
-    acc_shift = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc_scale = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc_w = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for r0 in range(split * rows_per_split, end, BLOCK_M):
+    # Only the accumulators the flags need are used; the others are never touched after this.
+    acc_shift = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
+    acc_scale = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
+    acc_w = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
+    tacc_shift = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
+    tacc_scale = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
+    tacc_w = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
+    tacc_b = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
         local = r0 + tl.arange(0, BLOCK_M)
         rmask = local < end
         rows = base + local
-        mask = rmask[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
         s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+        mask_h = rmask[:, None]  # broadcast over the head's columns, all < C unless chunked
+        if CHUNKED:
+            mask_h = mask_h & cmask[None, :]
+        offs_h = rows[:, None] * C + cols[None, :]
         dy, xhat, dz, dxhat = _norm_bwd_tile(
-            x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w[None, :], one_plus_scale[None, :]
+            x_ptr, dy_ptr, offs_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, CHUNKED
         )
-        if ONE_CHUNK:
-            c2 = tl.sum(dxhat * xhat, axis=1) / C
-            c1 = tl.sum(dxhat, axis=1) / C
-        else:
+        mask_t = rmask[:, None] & tmask[None, :]
+        offs_t = rows[:, None] * C + tail[None, :]
+        if HAS_TAIL:
+            dy_t, xhat_t, dz_t, dxhat_t = _norm_bwd_tile(
+                x_ptr, dy_ptr, offs_t, mask_t, s, pivot, md, r_s, w_t, sc_t, HAS_WEIGHT, HAS_MOD, True
+            )
+        if CHUNKED:
             c1 = tl.load(rowsum_ptr + rows, mask=rmask, other=0.0)
             c2 = tl.load(rowsum_ptr + n_rows + rows, mask=rmask, other=0.0)
-        if CENTER:
-            dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
         else:
-            dx = rstd[:, None] * (dxhat - xhat * c2[:, None])
-        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        if HAS_MOD:
-            acc_shift += dy
-            acc_scale += dy * (xhat * w[None, :] + b[None, :])
-        if HAS_WEIGHT:
-            acc_w += dz * xhat
-        if HAS_BIAS:
-            acc_b += dz
+            c2 = tl.sum(dxhat * xhat, axis=1)
+            c1 = tl.sum(dxhat, axis=1)
+            if HAS_TAIL:
+                c2 += tl.sum(dxhat_t * xhat_t, axis=1)
+                c1 += tl.sum(dxhat_t, axis=1)
+            c2 = c2 / C
+            c1 = c1 / C
+        dx = _norm_bwd_dx(xhat, dxhat, rstd, c1, c2, CENTER)
+        tl.store(dx_ptr + offs_h, dx.to(dx_ptr.dtype.element_ty), mask=mask_h)
+        acc_shift, acc_scale, acc_w, acc_b = _norm_bwd_accumulate(
+            acc_shift, acc_scale, acc_w, acc_b, dy, xhat, dz, w_h, b_h,
+            HAS_WEIGHT, HAS_BIAS, HAS_MOD, BLOCK_M, BLOCK_C, ACC_ROWS,
+        )  # fmt: skip
+        if HAS_TAIL:
+            dx_t = _norm_bwd_dx(xhat_t, dxhat_t, rstd, c1, c2, CENTER)
+            tl.store(dx_ptr + offs_t, dx_t.to(dx_ptr.dtype.element_ty), mask=mask_t)
+            tacc_shift, tacc_scale, tacc_w, tacc_b = _norm_bwd_accumulate(
+                tacc_shift, tacc_scale, tacc_w, tacc_b, dy_t, xhat_t, dz_t, w_t, b_t,
+                HAS_WEIGHT, HAS_BIAS, HAS_MOD, BLOCK_M, TAIL_C, TAIL_ACC_ROWS,
+            )  # fmt: skip
     plane = n_groups * n_splits * C
-    out = (g * n_splits + split).to(tl.int64) * C + cols
+    out = (g * n_splits + split).to(tl.int64) * C
+    _store_partials(part_ptr, plane, out + cols, cmask, acc_shift, acc_scale, acc_w, acc_b,
+                    HAS_WEIGHT, HAS_BIAS, HAS_MOD)  # fmt: skip
+    if HAS_TAIL:
+        _store_partials(part_ptr, plane, out + tail, tmask, tacc_shift, tacc_scale, tacc_w, tacc_b,
+                        HAS_WEIGHT, HAS_BIAS, HAS_MOD)  # fmt: skip
+
+
+@triton.jit
+def _store_partials(part_ptr, plane, offs, cmask, acc_shift, acc_scale, acc_w, acc_b, HAS_WEIGHT: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_MOD: tl.constexpr):  # fmt: skip
     if HAS_MOD:
-        tl.store(part_ptr + out, tl.sum(acc_shift, axis=0), mask=cmask)
-        tl.store(part_ptr + plane + out, tl.sum(acc_scale, axis=0), mask=cmask)
+        tl.store(part_ptr + offs, tl.sum(acc_shift, axis=0), mask=cmask)
+        tl.store(part_ptr + plane + offs, tl.sum(acc_scale, axis=0), mask=cmask)
     if HAS_WEIGHT:
-        tl.store(part_ptr + 2 * plane + out, tl.sum(acc_w, axis=0), mask=cmask)
+        tl.store(part_ptr + 2 * plane + offs, tl.sum(acc_w, axis=0), mask=cmask)
     if HAS_BIAS:
-        tl.store(part_ptr + 3 * plane + out, tl.sum(acc_b, axis=0), mask=cmask)
+        tl.store(part_ptr + 3 * plane + offs, tl.sum(acc_b, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,55 +753,102 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _prev_pow2(n: int) -> int:
+    return 1 << max(0, n.bit_length() - 1)
+
+
 @functools.cache
-def _target_programs(device_type: str, index: int | None) -> int:
-    """Programs to aim for in the split reductions: a few waves on a GPU; few on the (slow) interpreter."""
+def _sm_count(device_type: str, index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one by one)."""
     if device_type == "cuda":
-        return 4 * torch.cuda.get_device_properties(index or 0).multi_processor_count
-    return 8
+        return torch.cuda.get_device_properties(index or 0).multi_processor_count
+    return 1
 
 
-def _splits(group_len: int, n_groups: int, n_col_blocks: int, block_m: int, device: torch.device) -> tuple[int, int]:
+@dataclass(frozen=True)
+class _Blocks:
+    """A pass's launch at one channel count (see PassLaunch): a [block_m, block_c] row tile (norms: the row's
+    head, or a chunk when chunked) plus, for norms, a [block_m, tail_c] tail (tail_c 0: none)."""
+
+    block_m: int
+    block_c: int
+    tail_c: int
+    chunked: bool
+    num_warps: int
+    num_stages: int
+
+    def acc_rows(self, columns: int, elem_size: int) -> int:
+        """Rows of one repetition of Triton's default layout of a [block_m, columns] tile (16-byte vectors,
+        then threads, then warps fill the columns first): folding a tile down to these rows stays in
+        registers (see _fold_rows)."""
+        vec = max(1, 16 // elem_size)
+        return max(1, min(self.block_m, self.num_warps * 32 * vec // columns))
+
+
+def _num_warps(params: PassLaunch, tile_elems: int) -> int:
+    # At most 8: 16 warps cap a thread at 128 registers, which the chunked norm backward exceeds (spills).
+    return max(1, min(8, _prev_pow2(max(1, tile_elems // params.warp_elems))))
+
+
+def _check_pow2(params: PassLaunch) -> None:
+    if params.block_c != _next_pow2(params.block_c) or params.tile != _next_pow2(params.tile):
+        raise ValueError(f"tile and block_c must be powers of two, got {params}")
+
+
+def elementwise_blocks(params: PassLaunch, channels: int, group_len: int) -> _Blocks:
+    """Column blocks of up to block_c; rows per tile from the tile size, no more than a group has."""
+    _check_pow2(params)
+    block_c = min(_next_pow2(channels), params.block_c)
+    block_m = max(1, min(params.tile // block_c, _next_pow2(group_len)))
+    return _Blocks(block_m, block_c, 0, False, _num_warps(params, block_m * block_c), params.num_stages)
+
+
+def norm_blocks(params: PassLaunch, channels: int, group_len: int) -> _Blocks:
+    """Rows up to block_c wide as a power-of-two head and tail in registers (1152 = 1024 + 128, 72 = 64 + 8);
+    wider rows in chunks of block_c. Rows per tile from the tile size over the head."""
+    _check_pow2(params)
+    chunked = channels > params.block_c
+    head = params.block_c if chunked else _prev_pow2(channels)
+    tail = 0 if chunked or channels == head else _next_pow2(channels - head)
+    block_m = max(1, min(params.tile // head, _next_pow2(group_len)))
+    return _Blocks(block_m, head, tail, chunked, _num_warps(params, block_m * head), params.num_stages)
+
+
+def _splits(
+    group_len: int, n_groups: int, n_col_blocks: int, blocks: _Blocks, params: PassLaunch, device
+) -> tuple[int, int]:
     """(n_splits, rows_per_split): each group's rows are cut into splits of whole BLOCK_M tiles, enough that
-    the grid fills the device, at least one tile each."""
-    want = triton.cdiv(_target_programs(device.type, device.index), n_groups * n_col_blocks)
-    splits = max(1, min(triton.cdiv(group_len, block_m), want))
-    rows_per_split = triton.cdiv(triton.cdiv(group_len, splits), block_m) * block_m
+    the grid has about programs_per_sm programs per SM, at least one tile each."""
+    programs = params.programs_per_sm * _sm_count(device.type, device.index)
+    want = min(triton.cdiv(programs, n_groups * n_col_blocks), 65535)  # a grid's second dim is < 2^16
+    splits = max(1, min(triton.cdiv(group_len, blocks.block_m), want))
+    rows_per_split = triton.cdiv(triton.cdiv(group_len, splits), blocks.block_m) * blocks.block_m
     return triton.cdiv(group_len, rows_per_split), rows_per_split
 
 
-def _elementwise_blocks(channels: int) -> tuple[int, int]:
-    block_c = min(_next_pow2(channels), ELEMENTWISE_BLOCK_C)
-    return TILE // block_c, block_c
-
-
-def _norm_blocks(channels: int, elems_per_warp: int) -> tuple[int, int, int, bool]:
-    """(BLOCK_M, BLOCK_C, num_warps, ONE_CHUNK) for the norm kernels: whole rows up to MAX_NORM_BLOCK_C,
-    rows per program so that a tile holds about NORM_TILE elements."""
-    block_c = min(_next_pow2(channels), MAX_NORM_BLOCK_C)
-    block_m = max(1, NORM_TILE // block_c)
-    num_warps = min(16, max(1, block_m * block_c // elems_per_warp))
-    return block_m, block_c, num_warps, channels <= block_c
-
-
-def _launch_scale_add(x: Tensor, m: Tensor, add: Tensor, one_plus: bool, add_per_group: bool, out_dtype) -> Tensor:
+def _launch_scale_add(
+    x: Tensor, m: Tensor, add: Tensor, one_plus: bool, add_per_group: bool, out_dtype, params: PassLaunch
+) -> Tensor:
     """x (B, M, C), m (B, G, C), add (B, G, C) or (B, M, C) -> x * (1 + m) + add or x * m + add."""
     x, m, add = x.contiguous(), m.contiguous(), add.contiguous()
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    n_rows, channels = x.numel() // max(1, x.shape[-1]), x.shape[-1]
     if out.numel() == 0:
         return out
-    block_m, block_c = _elementwise_blocks(channels)
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(channels, block_c))
-    _launch(_scale_add_fwd_kernel, x)[grid](
-        x, m, add, out, n_rows, channels, x.shape[1] // m.shape[1],
-        ONE_PLUS=one_plus, ADD_PER_GROUP=add_per_group, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+    batch, tokens, channels = x.shape
+    n_groups, group_len = batch * m.shape[1], tokens // m.shape[1]
+    blocks = elementwise_blocks(params, channels, group_len)
+    n_col_blocks = triton.cdiv(channels, blocks.block_c)
+    n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, blocks, params, x.device)
+    _launch(_scale_add_fwd_kernel, x)[(n_groups, n_splits, n_col_blocks)](
+        x, m, add, out, channels, group_len, rows_per_split,
+        ONE_PLUS=one_plus, ADD_PER_GROUP=add_per_group, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     return out
 
 
 def _launch_scale_bwd(
-    dy: Tensor, x: Tensor, m: Tensor, one_plus: bool, sum_dy: bool
+    dy: Tensor, x: Tensor, m: Tensor, one_plus: bool, sum_dy: bool, params: PassLaunch
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """dx = dy * (1 + m) (or dy * m) in x's dtype, and the fp32 (B, G, C) sums over each group's tokens of
     dy * x (gradient of m) and, with sum_dy, of dy (gradient of a per-group add; else None)."""
@@ -596,62 +860,81 @@ def _launch_scale_bwd(
     if x.numel() == 0:
         zeros = torch.zeros(m.shape, dtype=torch.float32, device=x.device)
         return dx, zeros, zeros.clone() if sum_dy else None
-    block_m, block_c = _elementwise_blocks(channels)
-    n_col_blocks = triton.cdiv(channels, block_c)
-    n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, block_m, x.device)
+    blocks = elementwise_blocks(params, channels, group_len)
+    n_col_blocks = triton.cdiv(channels, blocks.block_c)
+    n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, blocks, params, x.device)
     part = torch.empty((2, n_groups, n_splits, channels), dtype=torch.float32, device=x.device)
     _launch(_scale_add_bwd_kernel, x)[(n_groups, n_splits, n_col_blocks)](
         dy, x, m, dx, part, channels, group_len, rows_per_split, n_splits, n_groups,
-        ONE_PLUS=one_plus, SUM_DY=sum_dy, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=4,
+        ONE_PLUS=one_plus, SUM_DY=sum_dy, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
+        ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
-    dm = part[0].sum(dim=1).reshape(m.shape)
-    return dx, dm, part[1].sum(dim=1).reshape(m.shape) if sum_dy else None
+    sums = part[: 2 if sum_dy else 1].sum(dim=2)  # one reduction launch for both planes
+    return dx, sums[0].reshape(m.shape), sums[1].reshape(m.shape) if sum_dy else None
 
 
-def _launch_norm_fwd(x2d, weight, bias, shift, scale, group_len, eps, center, out_dtype) -> tuple[Tensor, Tensor]:
+def _tail_flags(blocks: _Blocks) -> dict:
+    """HAS_TAIL and a TAIL_C that is a valid block size (1) where there is no tail."""
+    return dict(HAS_TAIL=blocks.tail_c > 0, TAIL_C=max(1, blocks.tail_c))
+
+
+def _launch_norm_fwd(
+    x2d, weight, bias, shift, scale, group_len, eps, center, out_dtype, params: PassLaunch
+) -> tuple[Tensor, Tensor]:
     """x2d (R, C); shift/scale (R // group_len, C) or None. Returns y (R, C) and the stats (5, R)."""
     n_rows, channels = x2d.shape
     y = torch.empty((n_rows, channels), dtype=out_dtype, device=x2d.device)
     stats = torch.empty((5, n_rows), dtype=torch.float32, device=x2d.device)
     if y.numel() == 0:
         return y, stats
-    block_m, block_c, num_warps, one_chunk = _norm_blocks(channels, NORM_FWD_ELEMS_PER_WARP)
+    blocks = norm_blocks(params, channels, group_len)
+    n_groups = n_rows // group_len
+    n_splits, rows_per_split = _splits(group_len, n_groups, 1, blocks, params, x2d.device)
     inv_sqrt_eps = 1.0 / math.sqrt(eps) if eps > 0 else 0.0
-    _launch(_norm_fwd_kernel, x2d)[(triton.cdiv(n_rows, block_m),)](
+    _launch(_norm_fwd_kernel, x2d)[(n_groups, n_splits)](
         x2d, x2d if weight is None else weight, x2d if bias is None else bias,
         x2d if shift is None else shift, x2d if scale is None else scale, y, stats,
-        n_rows, channels, group_len, eps, inv_sqrt_eps,
+        n_rows, channels, group_len, rows_per_split, eps, inv_sqrt_eps,
         CENTER=center, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=scale is not None,
-        ONE_CHUNK=one_chunk, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps,
+        CHUNKED=blocks.chunked, **_tail_flags(blocks), BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     return y, stats
 
 
-def _launch_norm_bwd(dy2d, x2d, weight, bias, scale, stats, group_len, center) -> tuple[Tensor, Tensor]:
+def _launch_norm_bwd(
+    dy2d, x2d, weight, bias, scale, stats, group_len, center, params: PassLaunch
+) -> tuple[Tensor, Tensor]:
     """dx (R, C) in x's dtype and the fp32 partial sums (4, n_groups, n_splits, C) (see _norm_bwd_kernel)."""
     n_rows, channels = x2d.shape
     n_groups = n_rows // group_len if group_len else 0
     dx = torch.empty_like(x2d)
     if x2d.numel() == 0:
         return dx, torch.zeros((4, n_groups, 1, channels), dtype=torch.float32, device=x2d.device)
-    block_m, block_c, num_warps, one_chunk = _norm_blocks(channels, NORM_BWD_ELEMS_PER_WARP)
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_MOD=scale is not None, BLOCK_M=block_m, BLOCK_C=block_c)
+    blocks = norm_blocks(params, channels, group_len)
+    flags = dict(HAS_WEIGHT=weight is not None, HAS_MOD=scale is not None, BLOCK_M=blocks.block_m)
+    launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     w = x2d if weight is None else weight
     sc = x2d if scale is None else scale
-    rowsum = stats  # unused placeholder when a row fits one tile
-    if not one_chunk:
+    n_col_blocks = triton.cdiv(channels, blocks.block_c) if blocks.chunked else 1
+    n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, blocks, params, x2d.device)
+    rowsum = stats  # unused placeholder when a row fits in registers
+    if blocks.chunked:
         rowsum = torch.empty((2, n_rows), dtype=torch.float32, device=x2d.device)
-        _launch(_norm_bwd_rowsum_kernel, x2d)[(triton.cdiv(n_rows, block_m),)](
-            dy2d, x2d, w, sc, stats, rowsum, n_rows, channels, group_len, **flags, num_warps=num_warps
-        )
-    n_col_blocks = triton.cdiv(channels, block_c)
-    n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, block_m, x2d.device)
+        _launch(_norm_bwd_rowsum_kernel, x2d)[(n_groups, n_splits)](
+            dy2d, x2d, w, sc, stats, rowsum, n_rows, channels, group_len, rows_per_split,
+            **flags, BLOCK_C=blocks.block_c, **launch,
+        )  # fmt: skip
     # Planes that a configuration does not compute stay uninitialised and are never read.
     part = torch.empty((4, n_groups, n_splits, channels), dtype=torch.float32, device=x2d.device)
+    esize = x2d.element_size()
     _launch(_norm_bwd_kernel, x2d)[(n_groups, n_splits, n_col_blocks)](
         dy2d, x2d, w, x2d if bias is None else bias, sc, stats, rowsum, dx, part,
         n_rows, channels, group_len, rows_per_split, n_splits, n_groups,
-        CENTER=center, HAS_BIAS=bias is not None, ONE_CHUNK=one_chunk, **flags, num_warps=num_warps,
+        CENTER=center, HAS_BIAS=bias is not None, CHUNKED=blocks.chunked, **_tail_flags(blocks), **flags,
+        BLOCK_C=blocks.block_c, ACC_ROWS=blocks.acc_rows(blocks.block_c, esize),
+        TAIL_ACC_ROWS=blocks.acc_rows(max(1, blocks.tail_c), esize), **launch,
     )  # fmt: skip
     return dx, part
 
@@ -669,14 +952,14 @@ def _custom_op(name: str, impl):
 
 
 def _modulate_impl(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return _launch_scale_add(x, scale, shift, one_plus=True, add_per_group=True, out_dtype=x.dtype)
+    return _launch_scale_add(x, scale, shift, True, True, x.dtype, LAUNCH.modulate_fwd)
 
 
 _modulate_op = _custom_op("modulate", _modulate_impl)
 
 
 def _modulate_backward_impl(dy: Tensor, x: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dscale, dshift = _launch_scale_bwd(dy, x, scale, one_plus=True, sum_dy=True)
+    dx, dscale, dshift = _launch_scale_bwd(dy, x, scale, True, True, LAUNCH.modulate_bwd)
     return dx, dshift, dscale
 
 
@@ -699,14 +982,14 @@ _modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup
 
 
 def _gate_residual_impl(residual: Tensor, gate: Tensor, h: Tensor) -> Tensor:
-    return _launch_scale_add(h, gate, residual, one_plus=False, add_per_group=False, out_dtype=residual.dtype)
+    return _launch_scale_add(h, gate, residual, False, False, residual.dtype, LAUNCH.gate_residual_fwd)
 
 
 _gate_residual_op = _custom_op("gate_residual", _gate_residual_impl)
 
 
 def _gate_residual_backward_impl(dout: Tensor, gate: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
-    dh, dgate, _ = _launch_scale_bwd(dout, h, gate, one_plus=False, sum_dy=False)
+    dh, dgate, _ = _launch_scale_bwd(dout, h, gate, False, False, LAUNCH.gate_residual_bwd)
     return dh, dgate
 
 
@@ -751,6 +1034,7 @@ def _layernorm_modulate_impl(
         eps,
         True,
         out_dtype,
+        LAUNCH.layernorm_modulate_fwd,
     )
     return y.reshape(batch, tokens, channels), stats
 
@@ -772,12 +1056,16 @@ def _layernorm_modulate_backward_impl(
         stats,
         tokens // scale.shape[1],
         True,
+        LAUNCH.layernorm_modulate_bwd,
     )
-    dw = part[2].sum(dim=(0, 1)) if weight is not None else x.new_empty(0, dtype=torch.float32)
-    db = part[3].sum(dim=(0, 1)) if bias is not None else x.new_empty(0, dtype=torch.float32)
-    dshift = part[0].sum(dim=1).reshape(scale.shape)
-    dscale = part[1].sum(dim=1).reshape(scale.shape)
-    return dx.reshape(x.shape), dshift, dscale, dw, db
+    # One reduction launch for the modulation planes and one for the affine planes present.
+    mod_sums = part[:2].sum(dim=2)
+    affine = [i for i, t in ((2, weight), (3, bias)) if t is not None]
+    affine_sums = part[affine[0] : affine[-1] + 1].sum(dim=(1, 2)) if affine else None
+    empty = x.new_empty(0, dtype=torch.float32)
+    dw = affine_sums[0] if weight is not None else empty
+    db = affine_sums[-1] if bias is not None else empty
+    return dx.reshape(x.shape), mod_sums[0].reshape(scale.shape), mod_sums[1].reshape(scale.shape), dw, db
 
 
 _layernorm_modulate_backward_op = triton_op("videosys::layernorm_modulate_backward", mutates_args=())(
@@ -814,8 +1102,9 @@ _layernorm_modulate_op.register_autograd(_layernorm_modulate_backward, setup_con
 def _rms_norm_impl(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """x (R, C)."""
     return _launch_norm_fwd(
-        x.contiguous(), weight.contiguous(), None, None, None, max(1, x.shape[0]), eps, False, out_dtype
-    )
+        x.contiguous(), weight.contiguous(), None, None, None, max(1, x.shape[0]), eps, False, out_dtype,
+        LAUNCH.rms_norm_fwd,
+    )  # fmt: skip
 
 
 _rms_norm_op = _custom_op("rms_norm", _rms_norm_impl)
@@ -824,8 +1113,9 @@ _rms_norm_op = _custom_op("rms_norm", _rms_norm_impl)
 def _rms_norm_backward_impl(dy: Tensor, x: Tensor, weight: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
     # One group of all rows: the splits alone spread the weight-gradient reduction over the device.
     dx, part = _launch_norm_bwd(
-        dy.contiguous(), x.contiguous(), weight.contiguous(), None, None, stats, x.shape[0], False
-    )
+        dy.contiguous(), x.contiguous(), weight.contiguous(), None, None, stats, x.shape[0], False,
+        LAUNCH.rms_norm_bwd,
+    )  # fmt: skip
     return dx, part[2].sum(dim=(0, 1))
 
 
