@@ -1,9 +1,19 @@
 """Benchmark the fused Triton kernels of videosys.ops.fused on a CUDA GPU.
 
-For each shape and kernel it measures forward and forward+backward (median time via
-triton.testing.do_bench), the achieved bandwidth over the minimal bytes that must move, the ratio to the
-measured device-to-device copy bandwidth, and the same for the model's natural torch expression, eager and
-under torch.compile. It prints a markdown table and writes JSON.
+For each shape and kernel it measures three passes, the achieved bandwidth over the minimal bytes that must
+move, and the ratio to the measured device-to-device copy bandwidth (timed the same way as the kernels):
+
+- fwd: the public fused function under no_grad; torch eager and torch.compile of the model's natural
+  expression for comparison.
+- bwd: the backward implementation called directly on the tensors autograd would have saved (kernels and
+  the partial-sum reductions only, no autograd engine) -- the same call benchmarks/tune_kernels.py times.
+  The eager / compile columns stay empty: torch has no backward to call on its own without also timing the
+  autograd engine, so a like-for-like comparison is the fwd+bwd row.
+- fwd+bwd (autograd): forward then .backward() through autograd, for fused, eager and compile.
+
+fwd and bwd are timed with triton.testing.do_bench_cudagraph (GPU time of a CUDA graph of repeated calls:
+no CPU launch gaps), falling back to do_bench where capture fails; fwd+bwd with do_bench (autograd
+allocates gradients on each call). Medians throughout. Prints a markdown table and writes JSON.
 
     python benchmarks/bench_kernels.py --dtype bf16 --out results.json
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke    # CPU: tiny shapes, correctness only
@@ -119,6 +129,61 @@ def kernels(b: int, n: int, c: int, g: int, dtype: torch.dtype, device: str) -> 
     }
 
 
+def direct_passes(name: str, inputs: list[torch.Tensor], grad: torch.Tensor) -> tuple:
+    """(forward, backward, fwd field, bwd field) of kernel `name` on `inputs` (as kernels() builds them):
+    forward / backward call the implementation functions directly (no autograd), the backward on the
+    tensors that autograd would save (from one forward run now); the fields name its LaunchParams entries."""
+    t = [v.detach() for v in inputs]
+    dy = grad.detach()
+    if name == "modulate":
+        x, shift, scale = t
+        return (
+            lambda: fused._modulate_impl(x, shift, scale),
+            lambda: fused._modulate_backward_impl(dy, x, scale),
+            "modulate_fwd",
+            "modulate_bwd",
+        )
+    if name == "layernorm_modulate":
+        x, shift, scale = t
+        _, stats = fused._layernorm_modulate_impl(x, shift, scale, None, None, EPS, x.dtype)
+        return (
+            lambda: fused._layernorm_modulate_impl(x, shift, scale, None, None, EPS, x.dtype),
+            lambda: fused._layernorm_modulate_backward_impl(dy, x, scale, None, None, stats),
+            "layernorm_modulate_fwd",
+            "layernorm_modulate_bwd",
+        )
+    if name == "rms_norm":
+        x, weight = t[0].reshape(-1, t[0].shape[-1]), t[1]
+        dy2 = dy.reshape(x.shape)
+        _, stats = fused._rms_norm_impl(x, weight, EPS, x.dtype)
+        return (
+            lambda: fused._rms_norm_impl(x, weight, EPS, x.dtype),
+            lambda: fused._rms_norm_backward_impl(dy2, x, weight, stats),
+            "rms_norm_fwd",
+            "rms_norm_bwd",
+        )
+    if name == "gate_residual":
+        residual, gate, h = t
+        return (
+            lambda: fused._gate_residual_impl(residual, gate, h),
+            lambda: fused._gate_residual_backward_impl(dy, gate, h),
+            "gate_residual_fwd",
+            "gate_residual_bwd",
+        )
+    raise KeyError(name)
+
+
+def bench_ms(fn, rep: int = 200) -> float:
+    """Median ms of fn: a CUDA graph of repeated calls (GPU time only) where capture works, else do_bench."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    except Exception:  # any capture failure: time it uncaptured instead
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
 def smoke() -> None:
     """Tiny shapes: each fused kernel's output and gradients against its reference (no timing)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,23 +201,26 @@ def smoke() -> None:
                 torch.testing.assert_close(out.float(), expected, **tol)
                 for got, want in zip(grads, ref_grads, strict=True):
                     torch.testing.assert_close(got.float(), want, **tol)
+                # The backward implementation called directly (the timed bwd pass) gives autograd's gradient of
+                # x (of h for the gated residual: its first output).
+                _, backward, _, _ = direct_passes(name, inputs, grad)
+                autograd_dx = grads[2 if name == "gate_residual" else 0]
+                torch.testing.assert_close(backward()[0].reshape(autograd_dx.shape), autograd_dx)
                 print(f"ok  {name:20s} {str(dtype):15s} {b}x{n}x{c}:{g}")
     print("smoke: all kernels match their references")
 
 
 def copy_bandwidth(dtype: torch.dtype) -> float:
-    """Device-to-device copy, bytes read + written per second, on 1 GiB buffers."""
-    from triton.testing import do_bench
-
+    """Device-to-device copy, bytes read + written per second, on 1 GiB buffers, timed like the kernels."""
     numel = (1 << 30) // torch.empty((), dtype=dtype).element_size()
     src = torch.empty(numel, device="cuda", dtype=dtype).normal_()
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=500, return_mode="median")
+    ms = bench_ms(lambda: dst.copy_(src), rep=500)
     return 2 * numel * torch.empty((), dtype=dtype).element_size() / (ms * 1e-3)
 
 
 def bench_one(fn, inputs, grad) -> tuple[float, float]:
-    """(forward ms, forward + backward ms), medians."""
+    """(forward ms, forward + backward ms through autograd), medians."""
     from triton.testing import do_bench
 
     def forward():
@@ -162,9 +230,12 @@ def bench_one(fn, inputs, grad) -> tuple[float, float]:
     def forward_backward():
         fn(*inputs).backward(grad)
 
-    fwd = do_bench(forward, warmup=25, rep=200, return_mode="median")
+    fwd = bench_ms(forward)
     both = do_bench(forward_backward, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
     return fwd, both
+
+
+PHASES = {"fwd": "fwd", "bwd": "bwd", "fwd_bwd": "fwd+bwd (autograd)"}
 
 
 def run(shapes: list[str], dtype: torch.dtype) -> dict:
@@ -179,24 +250,33 @@ def run(shapes: list[str], dtype: torch.dtype) -> dict:
             compiled = torch.compile(torch_fn)
             times = {label: bench_one(f, inputs, grad) for label, f in (("fused", fn), ("eager", torch_fn))}
             times["compile"] = bench_one(compiled, inputs, grad)
+            _, backward, _, _ = direct_passes(name, inputs, grad)
+            bwd_ms = bench_ms(backward)
             row = {"shape": text, "kernel": name, "dtype": str(dtype).removeprefix("torch.")}
-            for phase, i, nbytes in (("fwd", 0, fwd_bytes), ("fwd_bwd", 1, fwd_bytes + bwd_bytes)):
-                ms = times["fused"][i]
+            for phase, nbytes, ms, eager_ms, compile_ms in (
+                ("fwd", fwd_bytes, times["fused"][0], times["eager"][0], times["compile"][0]),
+                ("bwd", bwd_bytes, bwd_ms, None, None),
+                ("fwd_bwd", fwd_bytes + bwd_bytes, times["fused"][1], times["eager"][1], times["compile"][1]),
+            ):
                 bandwidth = nbytes / (ms * 1e-3)
                 row[phase] = {
                     "bytes": nbytes,
                     "fused_ms": ms,
-                    "eager_ms": times["eager"][i],
-                    "compile_ms": times["compile"][i],
+                    "eager_ms": eager_ms,
+                    "compile_ms": compile_ms,
                     "fused_GBps": bandwidth / 1e9,
                     "fraction_of_copy": bandwidth / copy_bw,
-                    "speedup_vs_eager": times["eager"][i] / ms,
-                    "speedup_vs_compile": times["compile"][i] / ms,
+                    "speedup_vs_eager": None if eager_ms is None else eager_ms / ms,
+                    "speedup_vs_compile": None if compile_ms is None else compile_ms / ms,
                 }
             rows.append(row)
             del inputs, grad
             torch.cuda.empty_cache()
     return {"device": torch.cuda.get_device_name(), "copy_GBps": copy_bw / 1e9, "results": rows}
+
+
+def _cell(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "" if value is None else format(value, fmt) + suffix
 
 
 def table(report: dict) -> str:
@@ -207,12 +287,12 @@ def table(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["results"]:
-        for phase in ("fwd", "fwd_bwd"):
+        for phase, label in PHASES.items():
             r = row[phase]
             lines.append(
-                f"| {row['shape']} | {row['kernel']} | {phase} | {r['fused_ms']:.3f} | {r['fused_GBps']:.0f} | "
-                f"{r['fraction_of_copy']:.0%} | {r['eager_ms']:.3f} | {r['compile_ms']:.3f} | "
-                f"{r['speedup_vs_eager']:.2f}x | {r['speedup_vs_compile']:.2f}x |"
+                f"| {row['shape']} | {row['kernel']} | {label} | {r['fused_ms']:.3f} | {r['fused_GBps']:.0f} | "
+                f"{r['fraction_of_copy']:.0%} | {_cell(r['eager_ms'], '.3f')} | {_cell(r['compile_ms'], '.3f')} | "
+                f"{_cell(r['speedup_vs_eager'], '.2f', 'x')} | {_cell(r['speedup_vs_compile'], '.2f', 'x')} |"
             )
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@
 # Stages:
 #   tests      the Triton kernel tests and kernel-selection tests on the GPU (pytest -m gpu and the rest)
 #   kernels    each fused kernel's bandwidth vs device copy, vs eager and vs torch.compile (bench_kernels.py)
+#   tune       sweep each kernel pass's launch parameters, suggest fused.LAUNCH (tune_kernels.py, ~3 min)
 #   attention  TFLOP/s per attention backend at Open-Sora / Latte / CogVideoX shapes (bench_attention.py)
 #   dit        DiT-XL/2 256px bf16 training samples/s with kernels none, fused, compile, fused_compile
 #   opensora   Open-Sora 1.2 480p x 51 frames denoising-step latency with the same four presets
@@ -21,6 +22,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     tests) (cd tests && $py -m pytest -q -p no:cacheprovider test_fused_kernels.py test_kernels.py) ;;
     kernels) $py benchmarks/bench_kernels.py --out "$out/kernels.json" ;;
+    tune) $py benchmarks/tune_kernels.py --out "$out/tune.json" ;;
     attention) $py benchmarks/bench_attention.py --out "$out/attention.json" ;;
     dit)
       for k in "${presets[@]}"; do
