@@ -174,14 +174,13 @@ def direct_passes(name: str, inputs: list[torch.Tensor], grad: torch.Tensor) -> 
 
 
 def bench_ms(fn, rep: int = 200) -> float:
-    """Median ms of fn: a CUDA graph of repeated calls (GPU time only) where capture works, else do_bench."""
-    from triton.testing import do_bench, do_bench_cudagraph
+    """Median ms of fn over CUDA events with the L2 cache flushed before each call (triton's do_bench).
+    Not a CUDA graph: back-to-back graph replays keep part of the inputs in the 50+ MB L2, which
+    overstates bandwidth, and a graphed tensor copy runs on the slower copy engines, which understates
+    the copy that the kernels are compared with. These kernels take 10+ us, so launch gaps are hidden."""
+    from triton.testing import do_bench
 
-    try:
-        return do_bench_cudagraph(fn, rep=rep, return_mode="median")
-    except Exception:  # any capture failure: time it uncaptured instead
-        torch.cuda.synchronize()
-        return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
 
 
 def smoke() -> None:

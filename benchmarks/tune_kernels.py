@@ -67,10 +67,10 @@ def candidates(family: str) -> list[PassLaunch]:
         return _grid(pairs, (128, 256), (4, 8))
     if family == "norm_fwd":  # 1152 = 1024 + 128: tile 1024 is one row per tile, 8192 eight
         pairs = [(1024, 1024), (1024, 512), (1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512)]
-        return _grid(pairs, (4096,), (8, 32))
+        return _grid(pairs, (4096,), (8, 16, 32))
     if family == "norm_bwd":
-        pairs = [(1024, 512), (1024, 256), (1024, 128), (2048, 512), (2048, 256)]
-        return _grid(pairs, (4096,), (3, 4, 5, 8))
+        pairs = [(1024, 512), (1024, 256), (1024, 128), (2048, 512), (2048, 256), (4096, 512)]
+        return _grid(pairs, (4096,), (3, 5, 8, 16))
     raise KeyError(family)
 
 
