@@ -178,26 +178,20 @@ class LaunchParams:
     rms_norm_bwd: PassLaunch
 
 
-# First choices from the sm_90 register counts (ptxas, no GPU at hand): tiles of ~16 elements per thread
-# keep the elementwise kernels near 50-90 registers (the old 32-row tiles with whole-tile accumulators
-# needed 255 and spilled), norm rows as 1024 + 128 lanes (none idle) over 4 warps. Forward grids are large
-# (no partials to sum, short loops balance well); backward grids are about one resident wave (5 programs of
-# ~90 registers x 128 threads per SM), each summing many rows into one fp32 partial. num_stages: the
-# Triton 3.x pipeliner leaves these dot-free loops alone, so 1. Tune on the target GPU with
-# benchmarks/tune_kernels.py and copy its suggestion here.
-_ELEMENTWISE_FWD = PassLaunch(tile=2048, block_c=256, warp_elems=512, num_stages=1, programs_per_sm=32)
-_ELEMENTWISE_BWD = PassLaunch(tile=2048, block_c=256, warp_elems=512, num_stages=1, programs_per_sm=5)
-_NORM_FWD = PassLaunch(tile=2048, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=32)
-_NORM_BWD = PassLaunch(tile=1024, block_c=4096, warp_elems=256, num_stages=1, programs_per_sm=5)
+# Tuned on an H200 (benchmarks/tune_kernels.py, bf16, shapes 2x24180x1152:13 and 32x256x1152, the geometric
+# mean of both): elementwise kernels in ~8-16-element-per-thread tiles, norm rows one per warp forward (row
+# reductions stay in the warp), backward grids about one resident wave so that few fp32 partials are summed.
+# The Triton 3.x pipeliner leaves these dot-free loops alone, so num_stages is 1. Re-tune on another GPU
+# and copy the suggestion here.
 LAUNCH = LaunchParams(
-    modulate_fwd=_ELEMENTWISE_FWD,
-    modulate_bwd=_ELEMENTWISE_BWD,
-    gate_residual_fwd=_ELEMENTWISE_FWD,
-    gate_residual_bwd=_ELEMENTWISE_BWD,
-    layernorm_modulate_fwd=_NORM_FWD,
-    layernorm_modulate_bwd=_NORM_BWD,
-    rms_norm_fwd=_NORM_FWD,
-    rms_norm_bwd=_NORM_BWD,
+    modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
+    modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
+    gate_residual_fwd=PassLaunch(tile=1024, block_c=128, warp_elems=256, num_stages=1, programs_per_sm=64),
+    gate_residual_bwd=PassLaunch(tile=4096, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=4),
+    layernorm_modulate_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32),
+    layernorm_modulate_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=16),
+    rms_norm_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32),
+    rms_norm_bwd=PassLaunch(tile=2048, block_c=4096, warp_elems=256, num_stages=1, programs_per_sm=3),
 )
 
 
