@@ -11,9 +11,9 @@ move, and the ratio to the measured device-to-device copy bandwidth (timed the s
   autograd engine, so a like-for-like comparison is the fwd+bwd row.
 - fwd+bwd (autograd): forward then .backward() through autograd, for fused, eager and compile.
 
-fwd and bwd are timed with triton.testing.do_bench_cudagraph (GPU time of a CUDA graph of repeated calls:
-no CPU launch gaps), falling back to do_bench where capture fails; fwd+bwd with do_bench (autograd
-allocates gradients on each call). Medians throughout. Prints a markdown table and writes JSON.
+Every pass is timed with triton.testing.do_bench (CUDA events, the L2 cache flushed before each call; see
+bench_ms for why not CUDA graphs), fwd and bwd through bench_ms. Medians throughout. Prints a markdown table
+and writes JSON.
 
     python benchmarks/bench_kernels.py --dtype bf16 --out results.json
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke    # CPU: tiny shapes, correctness only

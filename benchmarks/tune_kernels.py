@@ -4,7 +4,7 @@ For each shape, each kernel's forward and backward are tuned separately: every c
 pass is swapped into fused.LAUNCH (dataclasses.replace; benchmark-only), its output is checked against the
 default configuration's output (equal up to summation order: 1 ulp of the stored dtype for tensors written
 per element, 1e-4 relative to the tensor's scale for the fp32 sums over tokens), and it is timed with
-triton.testing.do_bench_cudagraph (GPU time, no CPU launch gaps; do_bench where capture fails). The forward
+bench_kernels.bench_ms (triton.testing.do_bench, the L2 cache flushed before each call, median). The forward
 is the implementation function, the backward the backward implementation called directly on the tensors
 autograd would save -- as benchmarks/bench_kernels.py times them. Bytes are every input read once and every
 output written once (bench_kernels.kernels()); the copy bandwidth is measured the same way.
@@ -15,7 +15,7 @@ fraction of copy bandwidth, and the default's) and the PassLaunch per pass that 
 
     python benchmarks/tune_kernels.py                                  # ~2-4 minutes on an H100 / H200
     python benchmarks/tune_kernels.py --shapes 2x24180x1152:13 --rep 50 --out tune.json
-    TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --smoke       # CPU: 2 candidates, tiny shapes
+    TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --smoke       # CPU: 2-3 candidates, tiny shapes
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ DEFAULT_SHAPES = ["2x24180x1152:13", "32x256x1152"]
 SMOKE_SHAPES = ["2x12x72:3", "2x8x100"]
 
 
-def _grid(pairs, block_cs, programs, stages=(1,)) -> list[PassLaunch]:
+def _grid(pairs, block_cs, programs, stages=(1,), prefetch=False) -> list[PassLaunch]:
     """Candidates: (tile, warp_elems) pairs x column blocks x programs per SM x pipelining depths."""
     return [
-        PassLaunch(tile=t, block_c=bc, warp_elems=we, num_stages=ns, programs_per_sm=pp)
+        PassLaunch(tile=t, block_c=bc, warp_elems=we, num_stages=ns, programs_per_sm=pp, prefetch=prefetch)
         for t, we in pairs
         for bc in block_cs
         for pp in programs
@@ -57,8 +57,9 @@ def _grid(pairs, block_cs, programs, stages=(1,)) -> list[PassLaunch]:
 
 
 def candidates(family: str) -> list[PassLaunch]:
-    """The grid of one kernel family and pass (~15-25 each; at C = 1152 the tile sizes and warp counts
-    below cover 1-32 rows per tile and 1-8 warps)."""
+    """The grid of one kernel family and pass (~20-40 each; at C = 1152 the tile sizes and warp counts
+    below cover 1-32 rows per tile and 1-8 warps). Norms also with the next row tile prefetched, for the
+    tiles of at most a few rows where it fits in registers."""
     if family == "elementwise_fwd":
         pairs = [(1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512), (8192, 1024)]
         return _grid(pairs, (128, 256), (16, 64))
@@ -67,10 +68,12 @@ def candidates(family: str) -> list[PassLaunch]:
         return _grid(pairs, (128, 256), (4, 8))
     if family == "norm_fwd":  # 1152 = 1024 + 128: tile 1024 is one row per tile, 8192 eight
         pairs = [(1024, 1024), (1024, 512), (1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512)]
-        return _grid(pairs, (4096,), (8, 16, 32))
+        prefetched = [(1024, 1024), (1024, 512), (2048, 512), (4096, 1024)]
+        return _grid(pairs, (4096,), (8, 16, 32)) + _grid(prefetched, (4096,), (8, 16, 32), prefetch=True)
     if family == "norm_bwd":
         pairs = [(1024, 512), (1024, 256), (1024, 128), (2048, 512), (2048, 256), (4096, 512)]
-        return _grid(pairs, (4096,), (3, 5, 8, 16))
+        prefetched = [(1024, 512), (1024, 256), (2048, 512), (2048, 256)]
+        return _grid(pairs, (4096,), (3, 5, 8, 16)) + _grid(prefetched, (4096,), (3, 5, 8, 16), prefetch=True)
     raise KeyError(family)
 
 
@@ -153,7 +156,9 @@ def tune(shapes: list[str], dtype: torch.dtype, rep: int, smoke: bool) -> dict:
                 default = getattr(fused.LAUNCH, field)
                 reference = call()
                 grid = candidates(family(field))
-                grid = [default, *(p for p in grid if p != default)][: 2 if smoke else None]
+                grid = [default, *(p for p in grid if p != default)]
+                if smoke:  # the default, one other and, for norms, one prefetching candidate
+                    grid = grid[:2] + [p for p in grid[2:] if p.prefetch][:1]
                 timings = []
                 for params in grid:
                     with launch(field, params):
@@ -189,7 +194,8 @@ def tune(shapes: list[str], dtype: torch.dtype, rep: int, smoke: bool) -> dict:
 
 
 def _params(p: dict) -> str:
-    return f"tile={p['tile']} c={p['block_c']} we={p['warp_elems']} st={p['num_stages']} pps={p['programs_per_sm']}"
+    text = f"tile={p['tile']} c={p['block_c']} we={p['warp_elems']} st={p['num_stages']} pps={p['programs_per_sm']}"
+    return text + (" prefetch" if p.get("prefetch") else "")
 
 
 def table(report: dict) -> str:
@@ -228,6 +234,7 @@ def suggestion(report: dict) -> str:
         p = json.loads(key)
         gain = math.exp(math.fsum(math.log(v) for v in complete[key]) / len(complete[key]))
         args = ", ".join(f"{k}={p[k]}" for k in ("tile", "block_c", "warp_elems", "num_stages", "programs_per_sm"))
+        args += ", prefetch=True" if p.get("prefetch") else ""
         lines.append(f"    {field}=PassLaunch({args}),  # {gain:.2f}x the default's time")
     lines.append(")")
     return "\n".join(lines)
@@ -237,9 +244,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--shapes", nargs="+", default=None, help=f"BxNxC[:G] (default: {DEFAULT_SHAPES})")
-    parser.add_argument("--rep", type=int, default=20, help="ms per timed CUDA-graph replay (10 per candidate)")
+    parser.add_argument("--rep", type=int, default=20, help="ms of timed calls per candidate (triton do_bench)")
     parser.add_argument("--out", type=Path, default=None, help="also write the full sweep as JSON")
-    parser.add_argument("--smoke", action="store_true", help="2 candidates per pass, tiny shapes (CPU interpreter)")
+    parser.add_argument("--smoke", action="store_true", help="2-3 candidates per pass, tiny shapes (CPU interpreter)")
     args = parser.parse_args()
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("tune_kernels.py times CUDA kernels; without a GPU run it with --smoke")

@@ -7,6 +7,7 @@ CUDA), so the shapes stay small; the same bodies run on a GPU as the `gpu` cases
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -231,6 +232,13 @@ LAUNCH_VARIANTS = {
     "tiny-tiles": PassLaunch(tile=32, block_c=128, warp_elems=32, num_stages=1, programs_per_sm=64),
     # Norm rows wider than 64 go through the chunked path; 2-row tiles, 16 column blocks of 4 per program.
     "chunked": PassLaunch(tile=128, block_c=64, warp_elems=64, num_stages=2, programs_per_sm=3),
+    # Prefetching the next row tile: one-row tiles, 2-row tiles (the last of a group of 7 partial), and 8-row
+    # tiles (longer than the group). One program per group on a CPU, so each walks several tiles.
+    "prefetch-1row": PassLaunch(tile=32, block_c=128, warp_elems=32, num_stages=1, programs_per_sm=1, prefetch=True),
+    "prefetch-2rows": PassLaunch(tile=128, block_c=128, warp_elems=64, num_stages=1, programs_per_sm=2, prefetch=True),
+    "prefetch-8rows": PassLaunch(tile=512, block_c=128, warp_elems=128, num_stages=1, programs_per_sm=1, prefetch=True),
+    # Prefetch is ignored where rows are chunked.
+    "prefetch-chunked": PassLaunch(tile=128, block_c=64, warp_elems=64, num_stages=1, programs_per_sm=1, prefetch=True),
 }
 
 
@@ -238,7 +246,8 @@ LAUNCH_VARIANTS = {
 @pytest.mark.parametrize("variant", list(LAUNCH_VARIANTS))
 def test_launch_choices_keep_results(variant, device, monkeypatch):
     """Every pass under other launch parameters (as benchmarks/tune_kernels.py swaps them in): rows of 100
-    (head 64 + masked tail, or chunks), groups of 7 rows (ragged tiles), B > 1, G > 1."""
+    (head 64 + masked tail, or chunks), groups of 7 rows (ragged tiles), B > 1, G > 1; the norms also with
+    rows of 64 (no tail) and LayerNorm without an affine and with a weight only."""
     params = LAUNCH_VARIANTS[variant]
     monkeypatch.setattr(fused, "LAUNCH", LaunchParams(**dict.fromkeys(fused.LAUNCH.__dataclass_fields__, params)))
     torch.manual_seed(8)
@@ -256,6 +265,15 @@ def test_launch_choices_keep_results(variant, device, monkeypatch):
     args = [x, m1, m2, EPS, vec, _leaf((100,), F32, "contiguous")]
     _check(fused_layernorm_modulate, layernorm_modulate_reference, args, {}, device, reduced={1, 2, 4, 5})
     _check(fused_rms_norm, rms_norm_reference, [x, vec, EPS], {}, device, reduced={1})
+    _check(fused_layernorm_modulate, layernorm_modulate_reference, [x, m1, m2, EPS], {}, device, reduced={1, 2})
+    x64, m64, vec64 = (
+        _leaf((2, 3, 7, 64), F32, "contiguous"),
+        _leaf((2, 3, 64), F32, "contiguous"),
+        _leaf((64,), F32, "contiguous"),
+    )
+    args = [x64, m64, _leaf((2, 3, 64), F32, "contiguous"), EPS, vec64]
+    _check(fused_layernorm_modulate, layernorm_modulate_reference, args, {}, device, reduced={1, 2, 4})
+    _check(fused_rms_norm, rms_norm_reference, [x64, vec64, EPS], {}, device, reduced={1})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,8 +325,16 @@ def _check_robust(fn, ref, args: list, kwargs: dict, device: str, reduced: set[i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 @pytest.mark.parametrize("shape", [(2, 6, 72), (1, 5, 5000)], ids=["one-tile", "chunked"])
-def test_norms_are_finite_on_hard_rows(shape, dtype, device):
-    """Rows that fit one register tile, and rows wider than one (the chunked path)."""
+@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
+def test_norms_are_finite_on_hard_rows(shape, dtype, device, prefetch, monkeypatch):
+    """Rows that fit one register tile, and rows wider than one (the chunked path); with prefetch, 2-row
+    tiles that each program walks in turn."""
+    if prefetch and shape[-1] > 4096:
+        pytest.skip("prefetch applies to rows that fit one register tile")
+    if prefetch:
+        params = PassLaunch(tile=256, block_c=4096, warp_elems=64, num_stages=1, programs_per_sm=1, prefetch=True)
+        fields = ("layernorm_modulate_fwd", "layernorm_modulate_bwd", "rms_norm_fwd", "rms_norm_bwd")
+        monkeypatch.setattr(fused, "LAUNCH", dataclasses.replace(fused.LAUNCH, **dict.fromkeys(fields, params)))
     batch, channels = shape[0], shape[-1]
     x = _hard_rows(shape, dtype)
     shift, scale = torch.randn(batch, channels).to(dtype), (0.5 * torch.randn(batch, channels)).to(dtype)

@@ -23,7 +23,7 @@ The gradients of the broadcast tensors (shift, scale, gate, weight, bias) are su
 deterministically: each program reduces a block of rows of one (sample, group) into an fp32 partial, and
 torch sums the partials; no atomics.
 
-Launch choices (rows per tile, column block, warps, pipelining depth, programs per SM) live in one frozen
+Launch choices (rows per tile, column block, warps, pipelining depth, programs per SM, norm prefetch) live in one frozen
 ``LAUNCH = LaunchParams(...)``, one ``PassLaunch`` per kernel pass, from which small pure functions derive
 the block sizes for a channel count; benchmarks/tune_kernels.py measures alternatives.
 
@@ -154,6 +154,9 @@ class PassLaunch:
     - warp_elems: tile elements per warp: num_warps = BLOCK_M * (columns) // warp_elems, within 1..8.
     - num_stages: software-pipelining depth of the loop over row tiles.
     - programs_per_sm: the (group, split[, column block]) grid aims at about this many programs per SM.
+    - prefetch: norms whose row fits in registers: load the next row tile (x; backward also dy and the row
+      stats) before reducing and storing the current one, so a load is in flight during the reductions.
+      Costs the registers of one more tile (held in the input dtype). Elementwise kernels ignore it.
     """
 
     tile: int
@@ -161,6 +164,7 @@ class PassLaunch:
     warp_elems: int
     num_stages: int
     programs_per_sm: int
+    prefetch: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,6 +367,28 @@ def _row_stats(var, s, eps, inv_sqrt_eps):
 
 
 @triton.jit
+def _row_tile(base, r0, end, BLOCK_M: tl.constexpr):
+    """Rows (int64) of the tile of group rows [r0, r0 + BLOCK_M) starting at row `base`, and which are < end."""
+    local = r0 + tl.arange(0, BLOCK_M)
+    return base + local, local < end
+
+
+@triton.jit
+def _load_norm_rows(x_ptr, row_offs, rmask, head, tail, tmask, CENTER: tl.constexpr, HAS_TAIL: tl.constexpr,
+                    TAIL_C: tl.constexpr):  # fmt: skip
+    """A row tile of x as loaded (x's dtype, converted at use so a prefetched tile costs half the registers
+    in 16-bit): head, tail (zeros without HAS_TAIL) and, for LayerNorm, each row's first element."""
+    x_h = tl.load(x_ptr + row_offs[:, None] + head[None, :], mask=rmask[:, None], other=0.0)
+    x_t = tl.zeros([row_offs.shape[0], TAIL_C], dtype=x_ptr.dtype.element_ty)
+    if HAS_TAIL:
+        x_t = tl.load(x_ptr + row_offs[:, None] + tail[None, :], mask=rmask[:, None] & tmask[None, :], other=0.0)
+    x0 = tl.zeros(row_offs.shape, dtype=x_ptr.dtype.element_ty)
+    if CENTER:
+        x0 = tl.load(x_ptr + row_offs, mask=rmask, other=0.0)
+    return x_h, x_t, x0
+
+
+@triton.jit
 def _norm_fwd_kernel(
     x_ptr,
     w_ptr,
@@ -383,6 +409,7 @@ def _norm_fwd_kernel(
     HAS_MOD: tl.constexpr,
     CHUNKED: tl.constexpr,
     HAS_TAIL: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TAIL_C: tl.constexpr,
@@ -396,6 +423,7 @@ def _norm_fwd_kernel(
     Unless CHUNKED a row is held in registers as a head of BLOCK_C columns (all < C: no column mask) and,
     with HAS_TAIL, a masked tail of TAIL_C columns from BLOCK_C on; the group's vectors are loaded once.
     CHUNKED: the passes loop over chunks of BLOCK_C columns, reloading x (and the vectors, from cache).
+    PREFETCH (not with CHUNKED): the next row tile is loaded before the current one is reduced and stored.
     """
     g = tl.program_id(0).to(tl.int64)
     start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
@@ -413,10 +441,11 @@ def _norm_fwd_kernel(
     b_t = _vector(b_ptr, tail, tmask, 0.0, HAS_BIAS and HAS_TAIL)
     sc_t = 1.0 + _vector(scale_ptr + mod_row, tail, tmask, 0.0, HAS_MOD and HAS_TAIL)
     sh_t = _vector(shift_ptr + mod_row, tail, tmask, 0.0, HAS_MOD and HAS_TAIL)
+    if PREFETCH:
+        first, first_mask = _row_tile(base, start, end, BLOCK_M)
+        nx_h, nx_t, nx0 = _load_norm_rows(x_ptr, first * C, first_mask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C)
     for r0 in range(start, end, BLOCK_M):
-        local = r0 + tl.arange(0, BLOCK_M)
-        rmask = local < end
-        rows = base + local
+        rows, rmask = _row_tile(base, r0, end, BLOCK_M)
         row_offs = rows * C
         zero = tl.zeros([BLOCK_M], dtype=tl.float32)
         if CHUNKED:
@@ -465,10 +494,16 @@ def _norm_fwd_kernel(
         else:
             mask_h = rmask[:, None]  # broadcast over the head's columns, all < C
             mask_t = rmask[:, None] & tmask[None, :]
-            x_h = tl.load(x_ptr + row_offs[:, None] + head[None, :], mask=mask_h, other=0.0).to(tl.float32)
-            x_t = tl.zeros([BLOCK_M, TAIL_C], dtype=tl.float32)
-            if HAS_TAIL:
-                x_t = tl.load(x_ptr + row_offs[:, None] + tail[None, :], mask=mask_t, other=0.0).to(tl.float32)
+            if PREFETCH:
+                x_h, x_t, x0 = nx_h, nx_t, nx0
+                next_rows, next_rmask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
+                nx_h, nx_t, nx0 = _load_norm_rows(
+                    x_ptr, next_rows * C, next_rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C
+                )
+            else:
+                x_h, x_t, x0 = _load_norm_rows(x_ptr, row_offs, rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C)
+            x_h = x_h.to(tl.float32)
+            x_t = x_t.to(tl.float32)
             absmax = tl.max(tl.abs(x_h), axis=1)
             if HAS_TAIL:
                 absmax = tl.maximum(absmax, tl.max(tl.abs(x_t), axis=1))
@@ -476,7 +511,7 @@ def _norm_fwd_kernel(
             pivot = zero
             md = zero
             if CENTER:
-                pivot = tl.load(x_ptr + row_offs, mask=rmask, other=0.0).to(tl.float32) * s
+                pivot = x0.to(tl.float32) * s
                 acc = tl.sum(x_h * s[:, None] - pivot[:, None], axis=1)
                 if HAS_TAIL:
                     acc += tl.sum(tl.where(mask_t, x_t * s[:, None] - pivot[:, None], 0.0), axis=1)
@@ -515,8 +550,17 @@ def _norm_bwd_tile(x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w, one_plus_sca
     """(dy, xhat, dz, dxhat) of a tile: z = xhat * w + b is the affine output, dz = dy * (1 + scale) its
     gradient and dxhat = dz * w the gradient of the normalised row. MASKED: xhat is zeroed outside `mask`
     (dy, and so dz and dxhat, load as zero there), so masked lanes add nothing to the row sums."""
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
+    return _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGHT, HAS_MOD, MASKED)
+
+
+@triton.jit
+def _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGHT: tl.constexpr,
+                    HAS_MOD: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """_norm_bwd_tile on tiles already loaded (masked lanes zero)."""
+    x = x.to(tl.float32)
+    dy = dy.to(tl.float32)
     xhat = _centred(x, s, pivot, md) * r_s[:, None]
     if MASKED:
         xhat = tl.where(mask, xhat, 0.0)
@@ -527,6 +571,25 @@ def _norm_bwd_tile(x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w, one_plus_sca
     if HAS_WEIGHT:
         dxhat = dz * w[None, :]
     return dy, xhat, dz, dxhat
+
+
+@triton.jit
+def _load_norm_bwd_rows(x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C,
+                        HAS_TAIL: tl.constexpr, TAIL_C: tl.constexpr):  # fmt: skip
+    """Everything a one-chunk row tile of the backward reads (x and dy as loaded, head and tail (zeros
+    without HAS_TAIL), and the row stats), as one group of loads that a prefetch can issue early."""
+    offs_h = rows[:, None] * C + cols[None, :]
+    x_h = tl.load(x_ptr + offs_h, mask=rmask[:, None], other=0.0)
+    dy_h = tl.load(dy_ptr + offs_h, mask=rmask[:, None], other=0.0)
+    x_t = tl.zeros([rows.shape[0], TAIL_C], dtype=x_ptr.dtype.element_ty)
+    dy_t = tl.zeros([rows.shape[0], TAIL_C], dtype=dy_ptr.dtype.element_ty)
+    if HAS_TAIL:
+        mask_t = rmask[:, None] & tmask[None, :]
+        offs_t = rows[:, None] * C + tail[None, :]
+        x_t = tl.load(x_ptr + offs_t, mask=mask_t, other=0.0)
+        dy_t = tl.load(dy_ptr + offs_t, mask=mask_t, other=0.0)
+    s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+    return x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd
 
 
 @triton.jit
@@ -628,6 +691,7 @@ def _norm_bwd_kernel(
     HAS_MOD: tl.constexpr,
     CHUNKED: tl.constexpr,
     HAS_TAIL: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TAIL_C: tl.constexpr,
@@ -640,7 +704,8 @@ def _norm_bwd_kernel(
       [0] sum dy (d shift), [1] sum dy * z (d scale), [2] sum dz * xhat (d weight), [3] sum dz (d bias).
     Unless CHUNKED a row is a head of BLOCK_C columns plus, with HAS_TAIL, a masked tail of TAIL_C (as in
     the forward) and the row means are computed here; CHUNKED: the column block is a chunk of BLOCK_C and
-    rowsum holds the row means."""
+    rowsum holds the row means. PREFETCH (not with CHUNKED): the next row tile's x, dy and stats are loaded
+    before the current tile's row sums, dx and column sums."""
     g = tl.program_id(0)
     split = tl.program_id(1)
     start, end = _split_rows(split, rows_per_split, group_len)
@@ -666,24 +731,43 @@ def _norm_bwd_kernel(
     tacc_scale = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
     tacc_w = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
     tacc_b = tl.zeros([TAIL_ACC_ROWS, TAIL_C], dtype=tl.float32)
+    if PREFETCH:
+        first, first_mask = _row_tile(base, start, end, BLOCK_M)
+        # Loop-carried as separate values (n* = the next tile), not one tuple.
+        nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
+            x_ptr, dy_ptr, stats_ptr, n_rows, first, first_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C
+        )
     for r0 in range(start, end, BLOCK_M):
-        local = r0 + tl.arange(0, BLOCK_M)
-        rmask = local < end
-        rows = base + local
-        s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+        rows, rmask = _row_tile(base, r0, end, BLOCK_M)
         mask_h = rmask[:, None]  # broadcast over the head's columns, all < C unless chunked
         if CHUNKED:
             mask_h = mask_h & cmask[None, :]
         offs_h = rows[:, None] * C + cols[None, :]
-        dy, xhat, dz, dxhat = _norm_bwd_tile(
-            x_ptr, dy_ptr, offs_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, CHUNKED
-        )
         mask_t = rmask[:, None] & tmask[None, :]
         offs_t = rows[:, None] * C + tail[None, :]
-        if HAS_TAIL:
-            dy_t, xhat_t, dz_t, dxhat_t = _norm_bwd_tile(
-                x_ptr, dy_ptr, offs_t, mask_t, s, pivot, md, r_s, w_t, sc_t, HAS_WEIGHT, HAS_MOD, True
+        if CHUNKED:
+            s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+            dy, xhat, dz, dxhat = _norm_bwd_tile(
+                x_ptr, dy_ptr, offs_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, True
             )
+        else:
+            if PREFETCH:
+                x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd
+                next_rows, next_mask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
+                nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
+                    x_ptr, dy_ptr, stats_ptr, n_rows, next_rows, next_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C
+                )
+            else:
+                x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = _load_norm_bwd_rows(
+                    x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C, HAS_TAIL, TAIL_C
+                )
+            dy, xhat, dz, dxhat = _norm_bwd_terms(
+                x_h, dy_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, False
+            )
+            if HAS_TAIL:
+                dy_t, xhat_t, dz_t, dxhat_t = _norm_bwd_terms(
+                    x_t, dy_t, mask_t, s, pivot, md, r_s, w_t, sc_t, HAS_WEIGHT, HAS_MOD, True
+                )
         if CHUNKED:
             c1 = tl.load(rowsum_ptr + rows, mask=rmask, other=0.0)
             c2 = tl.load(rowsum_ptr + n_rows + rows, mask=rmask, other=0.0)
@@ -891,8 +975,8 @@ def _launch_norm_fwd(
         x2d if shift is None else shift, x2d if scale is None else scale, y, stats,
         n_rows, channels, group_len, rows_per_split, eps, inv_sqrt_eps,
         CENTER=center, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=scale is not None,
-        CHUNKED=blocks.chunked, **_tail_flags(blocks), BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        CHUNKED=blocks.chunked, **_tail_flags(blocks), PREFETCH=params.prefetch and not blocks.chunked,
+        BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     return y, stats
 
@@ -926,7 +1010,8 @@ def _launch_norm_bwd(
     _launch(_norm_bwd_kernel, x2d)[(n_groups, n_splits, n_col_blocks)](
         dy2d, x2d, w, x2d if bias is None else bias, sc, stats, rowsum, dx, part,
         n_rows, channels, group_len, rows_per_split, n_splits, n_groups,
-        CENTER=center, HAS_BIAS=bias is not None, CHUNKED=blocks.chunked, **_tail_flags(blocks), **flags,
+        CENTER=center, HAS_BIAS=bias is not None, CHUNKED=blocks.chunked, **_tail_flags(blocks),
+        PREFETCH=params.prefetch and not blocks.chunked, **flags,
         BLOCK_C=blocks.block_c, ACC_ROWS=blocks.acc_rows(blocks.block_c, esize),
         TAIL_ACC_ROWS=blocks.acc_rows(max(1, blocks.tail_c), esize), **launch,
     )  # fmt: skip
