@@ -22,6 +22,10 @@ from videosys.precision import PrecisionConfig
 
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 CUDA = torch.device("cuda")  # a device object only: the checks below refuse before touching a GPU
+# Where the fused kernels run in these model tests: the GPU when there is one, else the CPU through the
+# Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 where there is no CUDA).
+FUSED_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED_CTX = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device(FUSED_DEVICE))
 
 
 def _qkv(batch=2, heads=3, tokens=11, keys=None, dim=72, seed=0, grad=False):
@@ -159,7 +163,7 @@ def test_auto_choice_is_a_constant_of_the_compiled_graph():
 
 def _grads(model, inputs, seed=3):
     out = model(*inputs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     (out * weight).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -190,12 +194,12 @@ def test_compiled_blocks_equal_eager_without_graph_breaks(name):
 
 @pytest.mark.parametrize("name", ["dit", "opensora", "latte"])
 def test_fused_block_ops_equal_the_torch_path(name):
-    """Every fused switch on (Triton interpreter on CPU): a model's output and gradients equal eager torch."""
-    reference, inputs = build(name)
+    """Every fused switch on: a model's output and gradients equal eager torch (fp32)."""
+    reference, inputs = build(name, FUSED_DEVICE)
     model = copy.deepcopy(reference)
-    parallelize(reference, CPU, ParallelConfig(), KernelsConfig(), PrecisionConfig())
+    parallelize(reference, FUSED_CTX, ParallelConfig(), KernelsConfig(), PrecisionConfig())
     fused = KernelsConfig(fused_modulate=True, fused_norm=True, fused_gate_residual=True)
-    plan = parallelize(model, CPU, ParallelConfig(), fused, PrecisionConfig())
+    plan = parallelize(model, FUSED_CTX, ParallelConfig(), fused, PrecisionConfig())
     assert plan.fused_ops == "fused_modulate,fused_norm,fused_gate_residual"
     assert all(m.ops.fused_norm for m in model.modules() if hasattr(m, "ops"))
     _assert_same_output_and_gradients(model, reference, inputs)
@@ -203,11 +207,11 @@ def test_fused_block_ops_equal_the_torch_path(name):
 
 def _bf16_errors(name: str, kernels: KernelsConfig, reference: tuple) -> float:
     """Largest relative error, over output and gradients, of a bf16-autocast run against fp32 `reference`."""
-    model, inputs = build(name)
-    parallelize(model, CPU, ParallelConfig(), kernels, PrecisionConfig())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    model, inputs = build(name, FUSED_DEVICE)
+    parallelize(model, FUSED_CTX, ParallelConfig(), kernels, PrecisionConfig())
+    with torch.autocast(FUSED_DEVICE, dtype=torch.bfloat16):
         out = model(*inputs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(out.device)
     (out.float() * weight).sum().backward()
     ref_out, ref_grads = reference
     errors = [relative_error(p.grad, ref_grads[n]) for n, p in model.named_parameters()]
@@ -218,7 +222,7 @@ def _bf16_errors(name: str, kernels: KernelsConfig, reference: tuple) -> float:
 def test_fused_block_ops_under_bf16_autocast_are_as_close_to_fp32_as_torch(name):
     """Mixed dtypes as in training (fp32 residual stream, bf16 adaLN vectors and activations, bf16 norm
     outputs): the fused path's distance from fp32 is that of the torch path (both ~2e-2 here)."""
-    model, inputs = build(name)
+    model, inputs = build(name, FUSED_DEVICE)
     reference = _grads(model, inputs)
     torch_error = _bf16_errors(name, KernelsConfig(), reference)
     fused = KernelsConfig(fused_modulate=True, fused_norm=True, fused_gate_residual=True)

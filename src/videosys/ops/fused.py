@@ -184,18 +184,21 @@ class LaunchParams:
 
 # Tuned on an H200 (benchmarks/tune_kernels.py, bf16, shapes 2x24180x1152:13 and 32x256x1152, the geometric
 # mean of both): elementwise kernels in ~8-16-element-per-thread tiles, norm rows one per warp forward (row
-# reductions stay in the warp), backward grids about one resident wave so that few fp32 partials are summed.
+# reductions stay in the warp) with the next row prefetched, backward grids of a few programs per SM so that
+# few fp32 partials are summed.
 # The Triton 3.x pipeliner leaves these dot-free loops alone, so num_stages is 1. Re-tune on another GPU
 # and copy the suggestion here.
 LAUNCH = LaunchParams(
     modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
     modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
-    gate_residual_fwd=PassLaunch(tile=1024, block_c=128, warp_elems=256, num_stages=1, programs_per_sm=64),
-    gate_residual_bwd=PassLaunch(tile=4096, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=4),
-    layernorm_modulate_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32),
-    layernorm_modulate_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=16),
-    rms_norm_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32),
-    rms_norm_bwd=PassLaunch(tile=2048, block_c=4096, warp_elems=256, num_stages=1, programs_per_sm=3),
+    layernorm_modulate_fwd=PassLaunch(
+        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32, prefetch=True
+    ),
+    layernorm_modulate_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=5),
+    rms_norm_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32, prefetch=True),
+    rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=16),
+    gate_residual_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=16),
+    gate_residual_bwd=PassLaunch(tile=1024, block_c=128, warp_elems=256, num_stages=1, programs_per_sm=8),
 )
 
 
