@@ -7,6 +7,7 @@ CUDA), so the shapes stay small; the same bodies run on a GPU as the `gpu` cases
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -360,6 +361,35 @@ def test_modulate_and_gate_are_finite_on_hard_rows(dtype, device):
     _check_robust(fused_modulate, modulate_reference, [x, shift, scale], {}, device, reduced={1, 2})
     residual, gate = _hard_rows((2, 6, 72), dtype).flip(-1), (0.02 * torch.randn(2, 72)).to(dtype)
     _check_robust(fused_gate_residual, gate_residual_reference, [residual, gate, x], {}, device, reduced={1})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_run_under_a_dispatch_mode_and_give_the_eager_gradients(device):
+    """Under a dispatch mode (FlopCounterMode in task=bench, fake tensors and proxies when tracing) the
+    kernels run as custom ops, where torch checks that no output aliases an input or another output."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(2, 12, 72, generator=g).to(device) for _ in range(2))
+    shift, scale, gate = (torch.randn(2, 3, 72, generator=g).to(device) for _ in range(3))
+    weight, bias = (torch.randn(72, generator=g).to(device) for _ in range(2))
+    calls = {
+        "modulate": (fused_modulate, [x, shift, scale], {}),
+        "layernorm_modulate": (fused_layernorm_modulate, [x, shift, scale, 1e-6], dict(weight=weight, bias=bias)),
+        "rms_norm": (fused_rms_norm, [x, weight, 1e-6], {}),
+        "gate_residual": (fused_gate_residual, [residual, gate, x], {}),
+    }
+    for name, (fn, args, kwargs) in calls.items():
+        grads = []
+        for mode in (contextlib.nullcontext(), FlopCounterMode(display=False)):
+            leaves = [a.detach().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+            extra = {k: v.detach().requires_grad_() for k, v in kwargs.items()}
+            with mode:
+                out = fn(*leaves, **extra)
+                inputs = [a for a in leaves if isinstance(a, torch.Tensor)] + list(extra.values())
+                grads.append(torch.autograd.grad(out, inputs, torch.ones_like(out)))
+        for eager, dispatched in zip(*grads, strict=True):
+            torch.testing.assert_close(dispatched, eager, rtol=0, atol=0, msg=name)
 
 
 # ----------------------------------------------------------------------------------------------------------

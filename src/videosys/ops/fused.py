@@ -928,6 +928,12 @@ def _launch_scale_add(
     return out
 
 
+def _planes(sums: Tensor) -> list[Tensor]:
+    """The planes of one stacked reduction as tensors that share no memory: the outputs of a custom op may
+    not alias each other (torch checks it whenever the op runs through the dispatcher)."""
+    return [sums[0], *(plane.clone() for plane in sums[1:])]
+
+
 def _launch_scale_bwd(
     dy: Tensor, x: Tensor, m: Tensor, one_plus: bool, sum_dy: bool, params: PassLaunch
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -951,7 +957,7 @@ def _launch_scale_bwd(
         ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
-    sums = part[: 2 if sum_dy else 1].sum(dim=2)  # one reduction launch for both planes
+    sums = _planes(part[: 2 if sum_dy else 1].sum(dim=2))  # one reduction launch for both planes
     return dx, sums[0].reshape(m.shape), sums[1].reshape(m.shape) if sum_dy else None
 
 
@@ -1141,9 +1147,9 @@ def _layernorm_modulate_backward_impl(
         LAUNCH.layernorm_modulate_bwd,
     )
     # One reduction launch for the modulation planes and one for the affine planes present.
-    mod_sums = part[:2].sum(dim=2)
+    mod_sums = _planes(part[:2].sum(dim=2))
     affine = [i for i, t in ((2, weight), (3, bias)) if t is not None]
-    affine_sums = part[affine[0] : affine[-1] + 1].sum(dim=(1, 2)) if affine else None
+    affine_sums = _planes(part[affine[0] : affine[-1] + 1].sum(dim=(1, 2))) if affine else None
     empty = x.new_empty(0, dtype=torch.float32)
     dw = affine_sums[0] if weight is not None else empty
     db = affine_sums[-1] if bias is not None else empty
