@@ -376,6 +376,8 @@ def test_ops_run_under_a_dispatch_mode_and_give_the_eager_gradients(device):
     calls = {
         "modulate": (fused_modulate, [x, shift, scale], {}),
         "layernorm_modulate": (fused_layernorm_modulate, [x, shift, scale, 1e-6], dict(weight=weight, bias=bias)),
+        "layernorm_modulate without affine": (fused_layernorm_modulate, [x, shift, scale, 1e-6], {}),
+        "layernorm_modulate with weight only": (fused_layernorm_modulate, [x, shift, scale, 1e-6], dict(weight=weight)),
         "rms_norm": (fused_rms_norm, [x, weight, 1e-6], {}),
         "gate_residual": (fused_gate_residual, [residual, gate, x], {}),
     }

@@ -1150,9 +1150,9 @@ def _layernorm_modulate_backward_impl(
     mod_sums = _planes(part[:2].sum(dim=2))
     affine = [i for i, t in ((2, weight), (3, bias)) if t is not None]
     affine_sums = _planes(part[affine[0] : affine[-1] + 1].sum(dim=(1, 2))) if affine else None
-    empty = x.new_empty(0, dtype=torch.float32)
-    dw = affine_sums[0] if weight is not None else empty
-    db = affine_sums[-1] if bias is not None else empty
+    # An absent weight or bias gets its own empty tensor: outputs of a custom op may not alias each other.
+    dw = affine_sums[0] if weight is not None else x.new_empty(0, dtype=torch.float32)
+    db = affine_sums[-1] if bias is not None else x.new_empty(0, dtype=torch.float32)
     return dx.reshape(x.shape), mod_sums[0].reshape(scale.shape), mod_sums[1].reshape(scale.shape), dw, db
 
 
