@@ -214,12 +214,14 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_continues_the_sam
 
 
 def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losses(launcher, request, tmp_path: Path):
-    """A one-minute time limit with the stop signal 30 s before it: each allocation trains until the
+    """A one-minute time limit with the stop signal 30 s before it (2000 steps take about 45 s here, so at
+    least one signal comes before the end): each allocation trains until the
     signal, checkpoints that step, and is requeued by submitit; the requeued job resumes in the same run
-    directory. The losses equal those of one uninterrupted run, step for step."""
+    directory and logs to the same (offline) wandb run. The losses equal those of one uninterrupted run,
+    step for step."""
     name, env = launcher
     job = [
-        "task.steps=1200",
+        "task.steps=2000",
         "task.batch_size=8",
         "task.log_every=1",
         "task.ckpt_every=100000",
@@ -242,10 +244,11 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losse
                 *launcher_args(name, 1),
                 *limits,
                 *job,
+                "logger=wandb",
                 f"hydra.sweep.dir={sweep}",
             ],
             cwd=tmp_path,
-            env={**env, "CUDA_VISIBLE_DEVICES": ""},
+            env={**env, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"},
             capture_output=True,
             text=True,
             timeout=900,
@@ -254,8 +257,11 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losse
     run_dir = sweep / "0"
     log = (run_dir / "videosys.log").read_text()
     resumed = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", log)]
-    assert resumed and all(0 < step < 1200 for step in resumed), log[-3000:]  # requeued at least once
+    assert resumed and all(0 < step < 2000 for step in resumed), log[-3000:]  # requeued at least once
     assert read_summary(sweep)[0]["status"] == "completed"
+    run_id = (run_dir / "wandb_run_id").read_text()
+    wandb_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == len(resumed) + 1 and all(r.endswith(f"-{run_id}") for r in wandb_runs), wandb_runs
     whole = tmp_path / "whole"
     assert run_cli([*job, f"run_dir={whole}"], tmp_path).returncode == 0
     assert read_losses(run_dir) == pytest.approx(read_losses(whole), rel=1e-6)
