@@ -129,7 +129,8 @@ class SlurmCluster:
     def requeued_jobs_start_at_once(self):
         """Slurm holds a requeued batch job for 121 s (Reason=BeginTime) before it may start again. Inside
         this context a watcher makes such jobs eligible at once (`scontrol update StartTime=now`, what an
-        administrator would do), so a requeue test does not wait two minutes per requeue."""
+        administrator would do), so a requeue test does not wait two minutes per requeue, and gives them
+        back a 10-minute time limit (a test may have shortened it to force a timeout)."""
         stop = threading.Event()
 
         def watch() -> None:
@@ -141,7 +142,7 @@ class SlurmCluster:
                     job_id, _, reason = line.partition(" ")
                     if reason.strip() == "BeginTime":
                         subprocess.run(
-                            ["scontrol", "update", f"JobId={job_id}", "StartTime=now"],
+                            ["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=10"],
                             env=self.env,
                             capture_output=True,
                         )
@@ -153,3 +154,11 @@ class SlurmCluster:
         finally:
             stop.set()
             watcher.join()
+
+    def running_job_ids(self) -> list[str]:
+        out = subprocess.run(["squeue", "-h", "-t", "R", "-o", "%i"], env=self.env, capture_output=True, text=True)
+        return out.stdout.split()
+
+    def set_time_limit(self, job_id: str, minutes: int) -> None:
+        command = ["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"]
+        subprocess.run(command, env=self.env, check=True, capture_output=True)

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -214,50 +213,49 @@ def test_a_stop_signal_checkpoints_the_current_step_and_resume_continues_the_sam
 
 
 def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losses(launcher, request, tmp_path: Path):
-    """A one-minute time limit with the stop signal 30 s before it (2000 steps take about 45 s here, so at
-    least one signal comes before the end): each allocation trains until the
-    signal, checkpoints that step, and is requeued by submitit; the requeued job resumes in the same run
-    directory and logs to the same (offline) wandb run. The losses equal those of one uninterrupted run,
-    step for step."""
+    """A job reaches its time limit: the stop signal comes before it, the job checkpoints the step it is in
+    and submitit requeues it; the requeued job resumes in the same run directory and logs to the same
+    (offline) wandb run. The losses equal those of one uninterrupted run, step for step.
+
+    Slurm: the job starts with a 10-minute limit, and once it trains the test cuts the limit to one
+    minute (`scontrol update TimeLimit=1`), so the signal (30 s before the limit, give or take Slurm's
+    30 s check interval) comes while it trains, never while Python starts. submitit_local: a one-minute
+    limit, signalled exactly 30 s in, and 2000 steps (about 45 s here) outlast it."""
     name, env = launcher
+    steps = 600 if name == "slurm" else 2000
     job = [
-        "task.steps=2000",
+        f"task.steps={steps}",
         "task.batch_size=8",
         "task.log_every=1",
         "task.ckpt_every=100000",
         "task.sample_at_end=false",
     ]
-    limits = ["hydra.launcher.timeout_min=1"]
     if name == "slurm":
-        limits += ["hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=8"]
+        limits = ["hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=30"]
+        limits += ["hydra.launcher.max_num_timeout=8"]
     else:  # submitit's local executor always signals 30 s before the limit; its schema lacks the count
-        limits += ["+hydra.launcher.max_num_timeout=8"]
+        limits = ["hydra.launcher.timeout_min=1", "+hydra.launcher.max_num_timeout=8"]
     sweep = tmp_path / "sweep"
-    fast_requeue = request.getfixturevalue("slurm").requeued_jobs_start_at_once() if name == "slurm" else nullcontext()
-    with fast_requeue:
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "videosys.run",
-                "-m",
-                *launcher_args(name, 1),
-                *limits,
-                *job,
-                "logger=wandb",
-                f"hydra.sweep.dir={sweep}",
-            ],
-            cwd=tmp_path,
-            env={**env, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"},
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-    assert out.returncode == 0, out.stderr[-3000:]
+    args = ["-m", *launcher_args(name, 1), *limits, *job, "logger=wandb", f"hydra.sweep.dir={sweep}"]
+    command = [sys.executable, "-m", "videosys.run", *args]
+    env = {**env, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}
     run_dir = sweep / "0"
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if name == "slurm":
+        cluster = request.getfixturevalue("slurm")
+        with cluster.requeued_jobs_start_at_once():
+            process = subprocess.Popen(command, cwd=tmp_path, env=env, **pipes)
+            _wait_for_step(run_dir, 5, process)
+            (job_id,) = cluster.running_job_ids()
+            cluster.set_time_limit(job_id, 1)
+            _, stderr = process.communicate(timeout=600)
+    else:
+        process = subprocess.run(command, cwd=tmp_path, env=env, timeout=900, **pipes)
+        stderr = process.stderr
+    assert process.returncode == 0, stderr[-3000:]
     log = (run_dir / "videosys.log").read_text()
     resumed = [int(step) for step in re.findall(r"resumed from \S+ at step (\d+)", log)]
-    assert resumed and all(0 < step < 2000 for step in resumed), log[-3000:]  # requeued at least once
+    assert resumed and all(0 < step < steps for step in resumed), log[-3000:]  # requeued at least once
     assert read_summary(sweep)[0]["status"] == "completed"
     run_id = (run_dir / "wandb_run_id").read_text()
     wandb_runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
