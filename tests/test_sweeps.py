@@ -57,6 +57,18 @@ def launcher(request) -> tuple[str, dict]:
     return "submitit_local", dict(os.environ)
 
 
+def multirun(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`python -m videosys.run -m ARGS` on the CPU, from `env` (a launcher's submission environment)."""
+    return subprocess.run(
+        [sys.executable, "-m", "videosys.run", "-m", *args],
+        cwd=cwd,
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 def read_summary(sweep: Path) -> list[dict]:
     with open(sweep / "summary.csv") as f:
         return list(csv.DictReader(f))
@@ -82,15 +94,7 @@ def test_a_sweep_through_the_launcher_runs_one_job_per_combination(launcher, tmp
     name, env = launcher
     sweep = tmp_path / "sweep"
     grid = ["model=dit", "data=digits", "optimizer.lr=1e-3,3e-3", "parallel=none,ddp"]
-    args = ["-m", *launcher_args(name, 1), *TINY_TRAIN, *grid, f"hydra.sweep.dir={sweep}"]
-    out = subprocess.run(
-        [sys.executable, "-m", "videosys.run", *args],
-        cwd=tmp_path,
-        env={**env, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = multirun([*launcher_args(name, 1), *TINY_TRAIN, *grid, f"hydra.sweep.dir={sweep}"], tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = read_summary(sweep)
     assert [r["status"] for r in rows] == ["completed"] * 4
@@ -114,28 +118,12 @@ def test_a_two_task_job_is_one_world_with_the_losses_of_torchrun(launcher, tmp_p
     name, env = launcher
     job = ["parallel=ddp", "device=cpu", *TINY_TRAIN]
     sweep = tmp_path / "sweep"
-    out = subprocess.run(
-        [sys.executable, "-m", "videosys.run", "-m", *launcher_args(name, 2), *job, f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path,
-        env={**env, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = multirun([*launcher_args(name, 2), *job, f"hydra.sweep.dir={sweep}"], tmp_path, env)
     assert out.returncode == 0, out.stderr[-3000:]
     shards = sorted(p.name for p in (sweep / "0" / "checkpoints" / "step_0000004").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # both tasks held a shard: one 2-rank world
-    reference = tmp_path / "torchrun"
-    torchrun = subprocess.run(
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *job, f"run_dir={reference}"],
-        cwd=tmp_path,
-        env={**os.environ, "NPROC": "2", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert torchrun.returncode == 0, torchrun.stderr[-3000:]
-    assert read_losses(sweep / "0") == pytest.approx(read_losses(reference), rel=1e-6)
+    reference = _torchrun_losses(job, tmp_path / "torchrun", tmp_path)
+    assert read_losses(sweep / "0") == pytest.approx(reference, rel=1e-6)
 
 
 def test_task_environments_become_torchrun_variables(monkeypatch):
@@ -219,10 +207,11 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losse
 
     Slurm: the job starts with a 10-minute limit, and once it trains the test cuts the limit to one
     minute (`scontrol update TimeLimit=1`), so the signal (30 s before the limit, give or take Slurm's
-    30 s check interval) comes while it trains, never while Python starts. submitit_local: a one-minute
+    30 s check interval) comes while it trains, never while Python starts; 3000 steps (about 75 s here)
+    outlast the minute, so the signal cannot miss the run. submitit_local: a one-minute
     limit, signalled exactly 30 s in, and 2000 steps (about 45 s here) outlast it."""
     name, env = launcher
-    steps = 600 if name == "slurm" else 2000
+    steps = 3000 if name == "slurm" else 2000
     job = [
         f"task.steps={steps}",
         "task.batch_size=8",
@@ -236,21 +225,21 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losse
     else:  # submitit's local executor always signals 30 s before the limit; its schema lacks the count
         limits = ["hydra.launcher.timeout_min=1", "+hydra.launcher.max_num_timeout=8"]
     sweep = tmp_path / "sweep"
-    args = ["-m", *launcher_args(name, 1), *limits, *job, "logger=wandb", f"hydra.sweep.dir={sweep}"]
-    command = [sys.executable, "-m", "videosys.run", *args]
-    env = {**env, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}
+    args = [*launcher_args(name, 1), *limits, *job, "logger=wandb", f"hydra.sweep.dir={sweep}"]
+    env = {**env, "WANDB_MODE": "offline"}
     run_dir = sweep / "0"
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if name == "slurm":
         cluster = request.getfixturevalue("slurm")
         with cluster.requeued_jobs_start_at_once():
-            process = subprocess.Popen(command, cwd=tmp_path, env=env, **pipes)
+            command = [sys.executable, "-m", "videosys.run", "-m", *args]
+            process = subprocess.Popen(command, cwd=tmp_path, env={**env, "CUDA_VISIBLE_DEVICES": ""}, **pipes)
             _wait_for_step(run_dir, 5, process)
             (job_id,) = cluster.running_job_ids()
             cluster.set_time_limit(job_id, 1)
             _, stderr = process.communicate(timeout=600)
     else:
-        process = subprocess.run(command, cwd=tmp_path, env=env, timeout=900, **pipes)
+        process = multirun(args, tmp_path, env)
         stderr = process.stderr
     assert process.returncode == 0, stderr[-3000:]
     log = (run_dir / "videosys.log").read_text()
@@ -265,9 +254,19 @@ def test_a_job_past_its_time_limit_is_requeued_and_resumes_with_continuous_losse
     assert read_losses(run_dir) == pytest.approx(read_losses(whole), rel=1e-6)
 
 
-def _torchrun(args: list[str], cwd: Path, **popen) -> subprocess.Popen:
+def _torchrun(args: list[str], cwd: Path) -> subprocess.Popen:
+    """launch/torchrun.sh with 2 CPU processes, started (not waited for)."""
     env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=cwd, env=env, text=True, **popen)
+    command = ["bash", str(REPO / "launch" / "torchrun.sh"), *args]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _torchrun_losses(args: list[str], run_dir: Path, cwd: Path) -> dict[int, float]:
+    """The losses of a 2-process torchrun of `args` in `run_dir`, run to its end."""
+    process = _torchrun([*args, f"run_dir={run_dir}"], cwd)
+    stderr = process.communicate(timeout=600)[1]
+    assert process.returncode == 0, stderr[-3000:]
+    return read_losses(run_dir)
 
 
 def _ranks_of(process: subprocess.Popen) -> dict[int, int]:
@@ -292,12 +291,9 @@ def test_a_stop_signal_to_one_rank_checkpoints_every_rank_at_the_same_step(tmp_p
     got it tells the others, and all save one checkpoint of the same step before they stop."""
     job = ["parallel=ddp", "device=cpu", "task.steps=80", "task.batch_size=8", "task.log_every=1"]
     job += ["task.ckpt_every=1000", "task.sample_at_end=false"]
-    whole = tmp_path / "whole"
-    done = _torchrun([*job, f"run_dir={whole}"], tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stderr = done.communicate(timeout=600)[1]
-    assert done.returncode == 0, stderr[-3000:]
+    whole = _torchrun_losses(job, tmp_path / "whole", tmp_path)
     stopped = tmp_path / "stopped"
-    process = _torchrun([*job, f"run_dir={stopped}"], tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = _torchrun([*job, f"run_dir={stopped}"], tmp_path)
     _wait_for_step(stopped, 5, process)
     os.kill(_ranks_of(process)[1], signal.SIGUSR2)
     _, stderr = process.communicate(timeout=300)
@@ -305,12 +301,8 @@ def test_a_stop_signal_to_one_rank_checkpoints_every_rank_at_the_same_step(tmp_p
     saved = sorted((stopped / "checkpoints").glob("step_*"))
     assert len(saved) == 1 and 5 <= int(saved[0].name.removeprefix("step_")) < 80, stderr[-3000:]
     assert sorted(p.name for p in saved[0].glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    resumed = _torchrun(
-        [*job, f"run_dir={stopped}", "resume=auto"], tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    stderr = resumed.communicate(timeout=600)[1]
-    assert resumed.returncode == 0, stderr[-3000:]
-    assert read_losses(stopped) == pytest.approx(read_losses(whole), rel=1e-6)
+    resumed = _torchrun_losses([*job, "resume=auto"], stopped, tmp_path)
+    assert resumed == pytest.approx(whole, rel=1e-6)
 
 
 def test_the_sweep_experiment_runs_its_grid(tmp_path: Path):
@@ -355,9 +347,5 @@ def test_the_sbatch_template_runs_one_torchrun_world_with_the_losses_of_torchrun
     )
     logs = "\n".join(p.read_text()[-3000:] for p in tmp_path.glob("slurm-*.out"))
     assert out.returncode == 0, out.stderr + logs
-    reference = _torchrun(
-        [*job, f"run_dir={tmp_path / 'torchrun'}"], tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    stderr = reference.communicate(timeout=600)[1]
-    assert reference.returncode == 0, stderr[-3000:]
-    assert read_losses(run_dir) == pytest.approx(read_losses(tmp_path / "torchrun"), rel=1e-6)
+    reference = _torchrun_losses(job, tmp_path / "torchrun", tmp_path)
+    assert read_losses(run_dir) == pytest.approx(reference, rel=1e-6)
