@@ -337,10 +337,47 @@ def _pow2_row_scale(absmax):
 
 
 @triton.jit
-def _centred(x, s, pivot, md):
+def _col(v, SCALAR: tl.constexpr):
+    """A per-row value broadcast over a tile's columns: v[:, None], or v itself when it is a scalar."""
+    if SCALAR:
+        return v
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _row_sum(t, SCALAR: tl.constexpr):
+    """Row sums of a [BLOCK_M, N] tile; with SCALAR (BLOCK_M = 1) a scalar. A scalar has no layout: the head's
+    and the tail's sums (tiles of different layouts) then meet, and broadcast back into each tile, without
+    Triton converting a whole tile to the other's layout."""
+    r = tl.sum(t, axis=1)
+    if SCALAR:
+        r = tl.sum(r, axis=0)  # one element: exact
+    return r
+
+
+@triton.jit
+def _row_max(t, SCALAR: tl.constexpr):
+    """Row maxima, as _row_sum."""
+    r = tl.max(t, axis=1)
+    if SCALAR:
+        r = tl.max(r, axis=0)
+    return r
+
+
+@triton.jit
+def _as_rows(v, SCALAR: tl.constexpr):
+    """A loaded [BLOCK_M] vector of per-row values as _row_sum returns them (a scalar with SCALAR)."""
+    if SCALAR:
+        v = tl.sum(v, axis=0)  # one element: exact
+    return v
+
+
+@triton.jit
+def _centred(x, s, pivot, md, SCALAR: tl.constexpr):
     """(x * s - pivot) - md: the scaled row relative to its mean; the same expression forward and backward
-    (xhat = _centred(...) * r_s)."""
-    return (x * s[:, None] - pivot[:, None]) - md[:, None]
+    (xhat = _centred(...) * r_s). SCALAR: the row values are scalars (see _row_sum)."""
+    return (x * _col(s, SCALAR) - _col(pivot, SCALAR)) - _col(md, SCALAR)
 
 
 @triton.jit
@@ -378,9 +415,10 @@ def _row_tile(base, r0, end, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _load_norm_rows(x_ptr, row_offs, rmask, head, tail, tmask, CENTER: tl.constexpr, HAS_TAIL: tl.constexpr,
-                    TAIL_C: tl.constexpr):  # fmt: skip
+                    TAIL_C: tl.constexpr, SCALAR: tl.constexpr):  # fmt: skip
     """A row tile of x as loaded (x's dtype, converted at use so a prefetched tile costs half the registers
-    in 16-bit): head, tail (zeros without HAS_TAIL) and, for LayerNorm, each row's first element."""
+    in 16-bit): head, tail (zeros without HAS_TAIL) and, for LayerNorm, each row's first element (a scalar
+    with SCALAR, see _row_sum)."""
     x_h = tl.load(x_ptr + row_offs[:, None] + head[None, :], mask=rmask[:, None], other=0.0)
     x_t = tl.zeros([row_offs.shape[0], TAIL_C], dtype=x_ptr.dtype.element_ty)
     if HAS_TAIL:
@@ -388,7 +426,7 @@ def _load_norm_rows(x_ptr, row_offs, rmask, head, tail, tmask, CENTER: tl.conste
     x0 = tl.zeros(row_offs.shape, dtype=x_ptr.dtype.element_ty)
     if CENTER:
         x0 = tl.load(x_ptr + row_offs, mask=rmask, other=0.0)
-    return x_h, x_t, x0
+    return x_h, x_t, _as_rows(x0, SCALAR)
 
 
 @triton.jit
@@ -428,6 +466,7 @@ def _norm_fwd_kernel(
     CHUNKED: the passes loop over chunks of BLOCK_C columns, reloading x (and the vectors, from cache).
     PREFETCH (not with CHUNKED): the next row tile is loaded before the current one is reduced and stored.
     """
+    SCALAR: tl.constexpr = BLOCK_M == 1  # one row per tile: its values as scalars (see _row_sum)
     g = tl.program_id(0).to(tl.int64)
     start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
     base = g * group_len
@@ -446,7 +485,9 @@ def _norm_fwd_kernel(
     sh_t = _vector(shift_ptr + mod_row, tail, tmask, 0.0, HAS_MOD and HAS_TAIL)
     if PREFETCH:
         first, first_mask = _row_tile(base, start, end, BLOCK_M)
-        nx_h, nx_t, nx0 = _load_norm_rows(x_ptr, first * C, first_mask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C)
+        nx_h, nx_t, nx0 = _load_norm_rows(
+            x_ptr, first * C, first_mask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C, SCALAR
+        )
     for r0 in range(start, end, BLOCK_M):
         rows, rmask = _row_tile(base, r0, end, BLOCK_M)
         row_offs = rows * C
@@ -478,7 +519,7 @@ def _norm_fwd_kernel(
                 cols = c0 + head
                 mask = rmask[:, None] & (cols < C)[None, :]
                 xc = tl.load(x_ptr + row_offs[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                d = tl.where(mask, _centred(xc, s, pivot, md), 0.0)
+                d = tl.where(mask, _centred(xc, s, pivot, md, False), 0.0)
                 acc += tl.sum(d * d, axis=1)
             r_s, rstd = _row_stats(acc / C, s, eps, inv_sqrt_eps)
             # Pass 4: normalise, affine, modulate, store.
@@ -491,7 +532,7 @@ def _norm_fwd_kernel(
                 b = _vector(b_ptr, cols, cmask, 0.0, HAS_BIAS)
                 sc = 1.0 + _vector(scale_ptr + mod_row, cols, cmask, 0.0, HAS_MOD)
                 sh = _vector(shift_ptr + mod_row, cols, cmask, 0.0, HAS_MOD)
-                z = _affine_modulate(_centred(xc, s, pivot, md) * r_s[:, None], w, b, sc, sh,
+                z = _affine_modulate(_centred(xc, s, pivot, md, False) * r_s[:, None], w, b, sc, sh,
                                      HAS_WEIGHT, HAS_BIAS, HAS_MOD)  # fmt: skip
                 tl.store(y_ptr + row_offs[:, None] + cols[None, :], z.to(y_ptr.dtype.element_ty), mask=mask)
         else:
@@ -501,34 +542,36 @@ def _norm_fwd_kernel(
                 x_h, x_t, x0 = nx_h, nx_t, nx0
                 next_rows, next_rmask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
                 nx_h, nx_t, nx0 = _load_norm_rows(
-                    x_ptr, next_rows * C, next_rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C
+                    x_ptr, next_rows * C, next_rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C, SCALAR
                 )
             else:
-                x_h, x_t, x0 = _load_norm_rows(x_ptr, row_offs, rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C)
+                x_h, x_t, x0 = _load_norm_rows(
+                    x_ptr, row_offs, rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C, SCALAR
+                )
             x_h = x_h.to(tl.float32)
             x_t = x_t.to(tl.float32)
-            absmax = tl.max(tl.abs(x_h), axis=1)
+            absmax = _row_max(tl.abs(x_h), SCALAR)
             if HAS_TAIL:
-                absmax = tl.maximum(absmax, tl.max(tl.abs(x_t), axis=1))
+                absmax = tl.maximum(absmax, _row_max(tl.abs(x_t), SCALAR))
             s = _pow2_row_scale(absmax)
-            pivot = zero
-            md = zero
+            pivot = s * 0.0  # exact zeros (s > 0), shaped like the row values
+            md = pivot
             if CENTER:
                 pivot = x0.to(tl.float32) * s
-                acc = tl.sum(x_h * s[:, None] - pivot[:, None], axis=1)
+                acc = _row_sum(x_h * _col(s, SCALAR) - _col(pivot, SCALAR), SCALAR)
                 if HAS_TAIL:
-                    acc += tl.sum(tl.where(mask_t, x_t * s[:, None] - pivot[:, None], 0.0), axis=1)
+                    acc += _row_sum(tl.where(mask_t, x_t * _col(s, SCALAR) - _col(pivot, SCALAR), 0.0), SCALAR)
                 md = acc / C
-            d_h = _centred(x_h, s, pivot, md)
-            acc = tl.sum(d_h * d_h, axis=1)
-            d_t = tl.where(mask_t, _centred(x_t, s, pivot, md), 0.0)
+            d_h = _centred(x_h, s, pivot, md, SCALAR)
+            acc = _row_sum(d_h * d_h, SCALAR)
+            d_t = tl.where(mask_t, _centred(x_t, s, pivot, md, SCALAR), 0.0)
             if HAS_TAIL:
-                acc += tl.sum(d_t * d_t, axis=1)
+                acc += _row_sum(d_t * d_t, SCALAR)
             r_s, rstd = _row_stats(acc / C, s, eps, inv_sqrt_eps)
-            z_h = _affine_modulate(d_h * r_s[:, None], w_h, b_h, sc_h, sh_h, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
+            z_h = _affine_modulate(d_h * _col(r_s, SCALAR), w_h, b_h, sc_h, sh_h, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
             tl.store(y_ptr + row_offs[:, None] + head[None, :], z_h.to(y_ptr.dtype.element_ty), mask=mask_h)
             if HAS_TAIL:
-                z_t = _affine_modulate(d_t * r_s[:, None], w_t, b_t, sc_t, sh_t, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
+                z_t = _affine_modulate(d_t * _col(r_s, SCALAR), w_t, b_t, sc_t, sh_t, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
                 tl.store(y_ptr + row_offs[:, None] + tail[None, :], z_t.to(y_ptr.dtype.element_ty), mask=mask_t)
         tl.store(stats_ptr + rows, s, mask=rmask)
         tl.store(stats_ptr + n_rows + rows, pivot, mask=rmask)
@@ -555,16 +598,16 @@ def _norm_bwd_tile(x_ptr, dy_ptr, offs, mask, s, pivot, md, r_s, w, one_plus_sca
     (dy, and so dz and dxhat, load as zero there), so masked lanes add nothing to the row sums."""
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0)
-    return _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGHT, HAS_MOD, MASKED)
+    return _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGHT, HAS_MOD, MASKED, False)
 
 
 @triton.jit
 def _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGHT: tl.constexpr,
-                    HAS_MOD: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """_norm_bwd_tile on tiles already loaded (masked lanes zero)."""
+                    HAS_MOD: tl.constexpr, MASKED: tl.constexpr, SCALAR: tl.constexpr):  # fmt: skip
+    """_norm_bwd_tile on tiles already loaded (masked lanes zero); SCALAR: scalar row stats (see _row_sum)."""
     x = x.to(tl.float32)
     dy = dy.to(tl.float32)
-    xhat = _centred(x, s, pivot, md) * r_s[:, None]
+    xhat = _centred(x, s, pivot, md, SCALAR) * _col(r_s, SCALAR)
     if MASKED:
         xhat = tl.where(mask, xhat, 0.0)
     dz = dy
@@ -578,9 +621,10 @@ def _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGH
 
 @triton.jit
 def _load_norm_bwd_rows(x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C,
-                        HAS_TAIL: tl.constexpr, TAIL_C: tl.constexpr):  # fmt: skip
+                        HAS_TAIL: tl.constexpr, TAIL_C: tl.constexpr, SCALAR: tl.constexpr):  # fmt: skip
     """Everything a one-chunk row tile of the backward reads (x and dy as loaded, head and tail (zeros
-    without HAS_TAIL), and the row stats), as one group of loads that a prefetch can issue early."""
+    without HAS_TAIL), and the row stats, scalars with SCALAR), as one group of loads that a prefetch can
+    issue early."""
     offs_h = rows[:, None] * C + cols[None, :]
     x_h = tl.load(x_ptr + offs_h, mask=rmask[:, None], other=0.0)
     dy_h = tl.load(dy_ptr + offs_h, mask=rmask[:, None], other=0.0)
@@ -592,16 +636,18 @@ def _load_norm_bwd_rows(x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tai
         x_t = tl.load(x_ptr + offs_t, mask=mask_t, other=0.0)
         dy_t = tl.load(dy_ptr + offs_t, mask=mask_t, other=0.0)
     s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+    s, pivot, md = _as_rows(s, SCALAR), _as_rows(pivot, SCALAR), _as_rows(md, SCALAR)
+    r_s, rstd = _as_rows(r_s, SCALAR), _as_rows(rstd, SCALAR)
     return x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd
 
 
 @triton.jit
-def _norm_bwd_dx(xhat, dxhat, rstd, c1, c2, CENTER: tl.constexpr):
+def _norm_bwd_dx(xhat, dxhat, rstd, c1, c2, CENTER: tl.constexpr, SCALAR: tl.constexpr):
     """dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), no mean(dxhat) term for RMSNorm."""
     if CENTER:
-        dx = rstd[:, None] * (dxhat - c1[:, None] - xhat * c2[:, None])
+        dx = _col(rstd, SCALAR) * (dxhat - _col(c1, SCALAR) - xhat * _col(c2, SCALAR))
     else:
-        dx = rstd[:, None] * (dxhat - xhat * c2[:, None])
+        dx = _col(rstd, SCALAR) * (dxhat - xhat * _col(c2, SCALAR))
     return dx
 
 
@@ -709,6 +755,7 @@ def _norm_bwd_kernel(
     the forward) and the row means are computed here; CHUNKED: the column block is a chunk of BLOCK_C and
     rowsum holds the row means. PREFETCH (not with CHUNKED): the next row tile's x, dy and stats are loaded
     before the current tile's row sums, dx and column sums."""
+    SCALAR: tl.constexpr = BLOCK_M == 1 and not CHUNKED  # one row per tile: its values as scalars (see _row_sum)
     g = tl.program_id(0)
     split = tl.program_id(1)
     start, end = _split_rows(split, rows_per_split, group_len)
@@ -738,7 +785,7 @@ def _norm_bwd_kernel(
         first, first_mask = _row_tile(base, start, end, BLOCK_M)
         # Loop-carried as separate values (n* = the next tile), not one tuple.
         nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
-            x_ptr, dy_ptr, stats_ptr, n_rows, first, first_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C
+            x_ptr, dy_ptr, stats_ptr, n_rows, first, first_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C, SCALAR
         )
     for r0 in range(start, end, BLOCK_M):
         rows, rmask = _row_tile(base, r0, end, BLOCK_M)
@@ -758,38 +805,39 @@ def _norm_bwd_kernel(
                 x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd
                 next_rows, next_mask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
                 nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
-                    x_ptr, dy_ptr, stats_ptr, n_rows, next_rows, next_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C
+                    x_ptr, dy_ptr, stats_ptr, n_rows, next_rows, next_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C,
+                    SCALAR,
                 )
             else:
                 x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = _load_norm_bwd_rows(
-                    x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C, HAS_TAIL, TAIL_C
+                    x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C, HAS_TAIL, TAIL_C, SCALAR
                 )
             dy, xhat, dz, dxhat = _norm_bwd_terms(
-                x_h, dy_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, False
+                x_h, dy_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, False, SCALAR
             )
             if HAS_TAIL:
                 dy_t, xhat_t, dz_t, dxhat_t = _norm_bwd_terms(
-                    x_t, dy_t, mask_t, s, pivot, md, r_s, w_t, sc_t, HAS_WEIGHT, HAS_MOD, True
+                    x_t, dy_t, mask_t, s, pivot, md, r_s, w_t, sc_t, HAS_WEIGHT, HAS_MOD, True, SCALAR
                 )
         if CHUNKED:
             c1 = tl.load(rowsum_ptr + rows, mask=rmask, other=0.0)
             c2 = tl.load(rowsum_ptr + n_rows + rows, mask=rmask, other=0.0)
         else:
-            c2 = tl.sum(dxhat * xhat, axis=1)
-            c1 = tl.sum(dxhat, axis=1)
+            c2 = _row_sum(dxhat * xhat, SCALAR)
+            c1 = _row_sum(dxhat, SCALAR)
             if HAS_TAIL:
-                c2 += tl.sum(dxhat_t * xhat_t, axis=1)
-                c1 += tl.sum(dxhat_t, axis=1)
+                c2 += _row_sum(dxhat_t * xhat_t, SCALAR)
+                c1 += _row_sum(dxhat_t, SCALAR)
             c2 = c2 / C
             c1 = c1 / C
-        dx = _norm_bwd_dx(xhat, dxhat, rstd, c1, c2, CENTER)
+        dx = _norm_bwd_dx(xhat, dxhat, rstd, c1, c2, CENTER, SCALAR)
         tl.store(dx_ptr + offs_h, dx.to(dx_ptr.dtype.element_ty), mask=mask_h)
         acc_shift, acc_scale, acc_w, acc_b = _norm_bwd_accumulate(
             acc_shift, acc_scale, acc_w, acc_b, dy, xhat, dz, w_h, b_h,
             HAS_WEIGHT, HAS_BIAS, HAS_MOD, BLOCK_M, BLOCK_C, ACC_ROWS,
         )  # fmt: skip
         if HAS_TAIL:
-            dx_t = _norm_bwd_dx(xhat_t, dxhat_t, rstd, c1, c2, CENTER)
+            dx_t = _norm_bwd_dx(xhat_t, dxhat_t, rstd, c1, c2, CENTER, SCALAR)
             tl.store(dx_ptr + offs_t, dx_t.to(dx_ptr.dtype.element_ty), mask=mask_t)
             tacc_shift, tacc_scale, tacc_w, tacc_b = _norm_bwd_accumulate(
                 tacc_shift, tacc_scale, tacc_w, tacc_b, dy_t, xhat_t, dz_t, w_t, b_t,
