@@ -11,8 +11,9 @@ move, and the ratio to the measured device-to-device copy bandwidth (timed the s
   autograd engine, so a like-for-like comparison is the fwd+bwd row.
 - fwd+bwd (autograd): forward then .backward() through autograd, for fused, eager and compile.
 
-Every pass is timed with triton.testing.do_bench (CUDA events, the L2 cache flushed before each call; see
-bench_ms for why not CUDA graphs), fwd and bwd through bench_ms. Medians throughout. Prints a markdown table
+Every pass is timed by bench_ms: CUDA events around each call, the L2 cache flushed before it and the GPU
+kept busy while the CPU queues it, so only GPU time is counted (see bench_ms for why neither triton's
+do_bench nor CUDA graphs). Medians throughout. Prints a markdown table
 and writes JSON.
 
     python benchmarks/bench_kernels.py --dtype bf16 --out results.json
@@ -27,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -173,14 +175,38 @@ def direct_passes(name: str, inputs: list[torch.Tensor], grad: torch.Tensor) -> 
     raise KeyError(name)
 
 
-def bench_ms(fn, rep: int = 200) -> float:
-    """Median ms of fn over CUDA events with the L2 cache flushed before each call (triton's do_bench).
-    Not a CUDA graph: back-to-back graph replays keep part of the inputs in the 50+ MB L2, which
-    overstates bandwidth, and a graphed tensor copy runs on the slower copy engines, which understates
-    the copy that the kernels are compared with. These kernels take 10+ us, so launch gaps are hidden."""
-    from triton.testing import do_bench
+# GPU cycles of torch.cuda._sleep queued after each L2 flush (~0.25 ms on a 2 GHz GPU), longer than the CPU
+# takes to queue the timed call (a public function through autograd: 50-150 us).
+_QUEUE_CYCLES = 500_000
+_FLUSH_BYTES = 256 << 20  # more than the L2 cache of an H100 / H200 (50-60 MB)
 
-    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+def bench_ms(fn, rep: int = 200, before=None) -> float:
+    """Median GPU ms of fn between CUDA events, the L2 cache flushed before each call, over about `rep` ms
+    of calls. After the flush the GPU sleeps while the CPU queues the call, so the events time the GPU work
+    alone: with triton's do_bench the start event fires as soon as the flush ends, and a call whose Python
+    and launch cost outlasts the flush (~60 us) is timed with the GPU waiting on the CPU. Not a CUDA graph:
+    back-to-back graph replays keep part of the inputs in the L2, which overstates bandwidth, and a graphed
+    tensor copy runs on the slower copy engines, which understates the copy the kernels are compared with.
+    `before` runs ahead of each call, untimed (e.g. to drop gradients)."""
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def timed(n: int) -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            if before is not None:
+                before()
+            flush.zero_()
+            torch.cuda._sleep(_QUEUE_CYCLES)
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+
+    fn()  # compile / autotune outside the timing
+    estimate = statistics.median(timed(5))
+    return statistics.median(timed(max(10, min(1000, round(rep / max(estimate, 1e-3))))))
 
 
 def smoke() -> None:
@@ -220,7 +246,6 @@ def copy_bandwidth(dtype: torch.dtype) -> float:
 
 def bench_one(fn, inputs, grad) -> tuple[float, float]:
     """(forward ms, forward + backward ms through autograd), medians."""
-    from triton.testing import do_bench
 
     def forward():
         with torch.no_grad():
@@ -230,7 +255,12 @@ def bench_one(fn, inputs, grad) -> tuple[float, float]:
         fn(*inputs).backward(grad)
 
     fwd = bench_ms(forward)
-    both = do_bench(forward_backward, warmup=25, rep=200, grad_to_none=inputs, return_mode="median")
+
+    def drop_grads():
+        for t in inputs:
+            t.grad = None
+
+    both = bench_ms(forward_backward, before=drop_grads)
     return fwd, both
 
 

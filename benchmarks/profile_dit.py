@@ -22,14 +22,18 @@ def run(name, model, batch=64):
     x = torch.randn(batch, 4, 32, 32, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     diffusion = GaussianDiffusion(DiffusionConfig(), learn_sigma=True, device=device)
+
+    def objective(m, x0, inputs, draws):
+        return diffusion.training_loss(m, x0, draws, **inputs)
+
     optimizer = make_optimizer(model, OptimizerConfig(), device)
     scaler = make_grad_scaler(bf16, device)
     for _ in range(3):
-        optimizer_step(model, diffusion, [(x, y)], optimizer, scaler, bf16, 1.0)
+        optimizer_step(model, objective, [(x, {"y": y}, None)], optimizer, scaler, bf16, 1.0)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for _ in range(2):
-            optimizer_step(model, diffusion, [(x, y)], optimizer, scaler, bf16, 1.0)
+            optimizer_step(model, objective, [(x, {"y": y}, None)], optimizer, scaler, bf16, 1.0)
         torch.cuda.synchronize()
     print(f"===== {name}")
     events = [e for e in prof.key_averages(group_by_input_shape=True) if e.key.startswith("aten::")]

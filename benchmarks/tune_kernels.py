@@ -4,7 +4,7 @@ For each shape, each kernel's forward and backward are tuned separately: every c
 pass is swapped into fused.LAUNCH (dataclasses.replace; benchmark-only), its output is checked against the
 default configuration's output (equal up to summation order: 1 ulp of the stored dtype for tensors written
 per element, 1e-4 relative to the tensor's scale for the fp32 sums over tokens), and it is timed with
-bench_kernels.bench_ms (triton.testing.do_bench, the L2 cache flushed before each call, median). The forward
+bench_kernels.bench_ms (GPU time between CUDA events, the L2 cache flushed before each call, median). The forward
 is the implementation function, the backward the backward implementation called directly on the tensors
 autograd would save -- as benchmarks/bench_kernels.py times them. Bytes are every input read once and every
 output written once (bench_kernels.kernels()); the copy bandwidth is measured the same way.
@@ -67,11 +67,13 @@ def candidates(family: str) -> list[PassLaunch]:
         pairs = [(1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512)]
         return _grid(pairs, (128, 256), (4, 8))
     if family == "norm_fwd":  # 1152 = 1024 + 128: tile 1024 is one row per tile, 8192 eight
-        pairs = [(1024, 1024), (1024, 512), (1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512)]
-        prefetched = [(1024, 1024), (1024, 512), (2048, 512), (4096, 1024)]
+        pairs = [(1024, 1024), (1024, 512), (1024, 256), (2048, 2048), (2048, 1024), (2048, 512), (2048, 256)]
+        pairs += [(4096, 1024), (4096, 512)]
+        prefetched = [(1024, 1024), (1024, 512), (2048, 2048), (2048, 512), (4096, 1024)]
         return _grid(pairs, (4096,), (8, 16, 32)) + _grid(prefetched, (4096,), (8, 16, 32), prefetch=True)
     if family == "norm_bwd":
-        pairs = [(1024, 512), (1024, 256), (1024, 128), (2048, 512), (2048, 256), (4096, 512)]
+        pairs = [(1024, 1024), (1024, 512), (1024, 256), (1024, 128), (2048, 1024), (2048, 512), (2048, 256)]
+        pairs += [(4096, 512)]
         prefetched = [(1024, 512), (1024, 256), (2048, 512), (2048, 256)]
         return _grid(pairs, (4096,), (3, 5, 8, 16)) + _grid(prefetched, (4096,), (3, 5, 8, 16), prefetch=True)
     raise KeyError(family)
@@ -244,7 +246,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--shapes", nargs="+", default=None, help=f"BxNxC[:G] (default: {DEFAULT_SHAPES})")
-    parser.add_argument("--rep", type=int, default=20, help="ms of timed calls per candidate (triton do_bench)")
+    parser.add_argument("--rep", type=int, default=20, help="ms of timed calls per candidate (bench_kernels.bench_ms)")
     parser.add_argument("--out", type=Path, default=None, help="also write the full sweep as JSON")
     parser.add_argument("--smoke", action="store_true", help="2-3 candidates per pass, tiny shapes (CPU interpreter)")
     args = parser.parse_args()

@@ -183,22 +183,22 @@ class LaunchParams:
 
 
 # Tuned on an H200 (benchmarks/tune_kernels.py, bf16, shapes 2x24180x1152:13 and 32x256x1152, the geometric
-# mean of both): elementwise kernels in ~8-16-element-per-thread tiles, norm rows one per warp forward (row
-# reductions stay in the warp) with the next row prefetched, backward grids of a few programs per SM so that
-# few fp32 partials are summed.
+# mean of both): elementwise kernels in ~8-16-element-per-thread tiles; norm rows one per warp forward (row
+# reductions stay in the warp), RMSNorm forward and LayerNorm backward with the next row prefetched; backward
+# grids of a few programs per SM so that few fp32 partials are summed.
 # The Triton 3.x pipeliner leaves these dot-free loops alone, so num_stages is 1. Re-tune on another GPU
 # and copy the suggestion here.
 LAUNCH = LaunchParams(
     modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
     modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
-    layernorm_modulate_fwd=PassLaunch(
-        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32, prefetch=True
+    layernorm_modulate_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=16),
+    layernorm_modulate_bwd=PassLaunch(
+        tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=5, prefetch=True
     ),
-    layernorm_modulate_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=5),
     rms_norm_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32, prefetch=True),
-    rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=16),
-    gate_residual_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=16),
-    gate_residual_bwd=PassLaunch(tile=1024, block_c=128, warp_elems=256, num_stages=1, programs_per_sm=8),
+    rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8),
+    gate_residual_fwd=PassLaunch(tile=4096, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
+    gate_residual_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
 )
 
 
@@ -805,7 +805,18 @@ def _norm_bwd_kernel(
                 x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd
                 next_rows, next_mask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
                 nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
-                    x_ptr, dy_ptr, stats_ptr, n_rows, next_rows, next_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C,
+                    x_ptr,
+                    dy_ptr,
+                    stats_ptr,
+                    n_rows,
+                    next_rows,
+                    next_mask,
+                    cols,
+                    tail,
+                    tmask,
+                    C,
+                    HAS_TAIL,
+                    TAIL_C,
                     SCALAR,
                 )
             else:
