@@ -46,7 +46,7 @@ EXPECTED_TYPES = {
         )
     },
     "kernels": {k: KernelsConfig for k in ("none", "auto", "fused", "compile", "fused_compile")},
-    "pab": {"off": PABConfig},
+    "pab": {k: PABConfig for k in ("off", "latte", "opensora", "opensora_plan", "cogvideox", "fast", "quality")},
     "data": dict(DATA_CONFIGS),
     "precision": {"fp32": PrecisionConfig, "bf16": PrecisionConfig, "fp16": PrecisionConfig},
     "task": {

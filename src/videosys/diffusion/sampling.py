@@ -198,11 +198,14 @@ def denoise_loop(
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Run `sampler` from `x` (noise). `predict(x, t)` returns the (guided) model output for the
-    batch at model timestep t (a (B,) tensor); `cache` is the per-run step-reuse policy (None
-    computes every step)."""
-    del cache  # no reuse policy exists yet; the loop computes every step
+    batch at model timestep t (a (B,) tensor); `cache` is the per-run step-reuse policy
+    (videosys.cache; None computes every step), told the schedule and each step."""
     channels = x.shape[1]
+    if cache is not None:
+        cache.begin(sampler.timesteps)
     for i, t in enumerate(sampler.timesteps):
+        if cache is not None:
+            cache.at_step(i)
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         out = predict(x, t_batch).float()
         if not sampler.wants_variance:
@@ -210,6 +213,8 @@ def denoise_loop(
         x = sampler.step(out, i, x, generator)
         if progress is not None:
             progress(i)
+    if cache is not None:
+        cache.finish()
     return x
 
 

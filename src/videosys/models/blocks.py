@@ -308,6 +308,14 @@ def attend_locally(
     raise ValueError(f"attention layout {layout!r} is not one of {ATTENTION_LAYOUTS}")
 
 
+def cached(cache, kind: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A block's cacheable branch: compute() without a step-reuse policy; with one (a block's `cache`,
+    set by `videosys.cache` for a sampling call), the policy decides whether to compute or hand back the
+    branch output it stored. `kind` is the attention layout, "cross" or "mlp". The block must not modify
+    the returned tensor in place: it may be handed out again at a later step."""
+    return compute() if cache is None else cache.reuse(kind, compute)
+
+
 class LocalSequence:
     """A model's sequence hooks in one process: nothing is split. `videosys.parallelize` replaces it
     with a sequence-parallel plan that keeps one chunk of axis `dim` per rank between the two."""
@@ -418,6 +426,7 @@ class AdaLNSingleBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
         self.ops = TORCH_OPS
+        self.cache = None  # step-reuse policy handle while sampling (videosys.cache)
 
     def forward(
         self,
@@ -429,12 +438,17 @@ class AdaLNSingleBlock(nn.Module):
     ) -> torch.Tensor:
         """x: (B, T, S, C); t6: (B, 6, C) projected timestep; context: (B, L, C) projected text."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (self.scale_shift_table[None] + t6).unbind(1)
-        ops = self.ops
-        h = attend(self.attn, ops.norm_modulate(self.norm1, x, shift_msa, scale_msa), self.layout, rope)
+        ops, cache = self.ops, self.cache
+        # Cached branches are stored before their gate, so a reused output gets this step's gate.
+        h = cached(
+            cache,
+            self.layout,
+            lambda: attend(self.attn, ops.norm_modulate(self.norm1, x, shift_msa, scale_msa), self.layout, rope),
+        )
         x = ops.gate_residual(x, gate_msa, h)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(x, context, context_mask)
-        h = self.mlp(ops.norm_modulate(self.norm2, x, shift_mlp, scale_mlp))
+            x = x + cached(cache, "cross", lambda: self.cross_attn(x, context, context_mask))
+        h = cached(cache, "mlp", lambda: self.mlp(ops.norm_modulate(self.norm2, x, shift_mlp, scale_mlp)))
         return ops.gate_residual(x, gate_mlp, h)
 
 

@@ -53,6 +53,7 @@ from videosys.models.blocks import (
     PatchEmbed3D,
     Rotary,
     TimestepEmbedder,
+    cached,
     rotary_tables,
     sincos_1d,
     sincos_2d,
@@ -299,6 +300,7 @@ class CogVideoXBlock(nn.Module):
         self.norm2 = JointLayerNormZero(cond_dim, dim, norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ops = TORCH_OPS
+        self.cache = None  # step-reuse policy handle while sampling (videosys.cache)
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor, rope: Rotary | None = None
@@ -306,12 +308,13 @@ class CogVideoXBlock(nn.Module):
         """x: (B, N, C) video tokens, context: (B, L, C) text tokens, cond: (B, C_t) timestep embedding."""
         text_len = context.shape[1]
         x_in, c_in, gate, c_gate = self.norm1(x, context, cond)
-        ops = self.ops
-        h = self.attn(torch.cat([c_in, x_in], dim=1), rope)
+        ops, cache = self.ops, self.cache
+        # Cached branches are stored before their gates, so a reused output gets this step's gates.
+        h = cached(cache, "full", lambda: self.attn(torch.cat([c_in, x_in], dim=1), rope))
         x = ops.gate_residual(x, gate, h[:, text_len:])
         context = ops.gate_residual(context, c_gate, h[:, :text_len])
         x_in, c_in, gate, c_gate = self.norm2(x, context, cond)
-        h = self.mlp(torch.cat([c_in, x_in], dim=1))
+        h = cached(cache, "mlp", lambda: self.mlp(torch.cat([c_in, x_in], dim=1)))
         x = ops.gate_residual(x, gate, h[:, text_len:])
         context = ops.gate_residual(context, c_gate, h[:, :text_len])
         return x, context

@@ -3,6 +3,7 @@ sample generation and writing its outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -268,23 +269,29 @@ def generate_class_samples(
     model.eval()
     run = cfg_parallel(denoiser(model, precision, device), dist)
     chunks = []
-    for chunk in labels.split(sampling.batch_size):
-        sampler = make_sampler(sampling, diffusion, model.learn_sigma, clip)
-        chunks.append(
-            sample_class_conditional(
-                run,
-                chunk,
-                shape,
-                sampler,
-                null_label=model.null_label,
-                cfg_scale=sampling.cfg_scale,
-                generator=generator,
-                cache=cache,
+    with attached(cache, model):
+        for chunk in labels.split(sampling.batch_size):
+            sampler = make_sampler(sampling, diffusion, model.learn_sigma, clip)
+            chunks.append(
+                sample_class_conditional(
+                    run,
+                    chunk,
+                    shape,
+                    sampler,
+                    null_label=model.null_label,
+                    cfg_scale=sampling.cfg_scale,
+                    generator=generator,
+                    cache=cache,
+                )
             )
-        )
     latents = torch.cat(chunks)
     images = decode_across_ranks(codec, latents, dist.comm("world")) if codec is not None else latents.clamp(-1, 1)
     return {"images": images.cpu(), "labels": labels.cpu(), "latents": latents.cpu()}
+
+
+def attached(cache, model: nn.Module):
+    """The step-reuse policy attached to `model`'s blocks for a sampling call (nothing without one)."""
+    return contextlib.nullcontext() if cache is None else cache.attached(model)
 
 
 def write_samples(samples: dict[str, torch.Tensor], sampling: SamplingConfig, run_dir: Path) -> tuple[Path, Path]:
@@ -302,6 +309,19 @@ def sample_and_score(
     """Guided samples of every requested class (or prompt), written out, and scored when the dataset can.
     Collective: every rank generates; rank 0 writes, scores and returns the metrics."""
     started = time.perf_counter()
+    out = _sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step, conditioning)
+    if cache is not None:
+        cache.log_report()
+        if ctx.dist.is_main:
+            out.update(cache.report())
+    if ctx.dist.is_main:
+        out["sample_seconds"] = round(time.perf_counter() - started, 2)
+    return out
+
+
+def _sample_and_score(
+    model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int, conditioning
+) -> dict:
     evaluator = getattr(dataset, "evaluator", None)
     if isinstance(conditioning, TextConditioning):
         prompts = resolve_prompts(sampling, dataset)
@@ -313,7 +333,6 @@ def sample_and_score(
         fps = getattr(dataset, "fps", None) or getattr(getattr(dataset, "cfg", None), "fps", None) or 8
         paths = write_video_samples(samples, sampling, ctx.run_dir, fps)
         out = {f"samples_{suffix}": str(path) for suffix, path in paths.items()}
-        out["sample_seconds"] = round(time.perf_counter() - started, 2)
         if evaluator is not None and hasattr(evaluator, "evaluate"):
             scores = evaluator.evaluate(samples["videos"], samples["prompts"])
             out.update({k: float(v) for k, v in scores.items()})
@@ -327,11 +346,7 @@ def sample_and_score(
         return {}
     grid, tensors = write_samples(samples, sampling, ctx.run_dir)
     ctx.tracker.log_image("samples", grid, step=step)
-    out = {
-        "samples_png": str(grid),
-        "samples_pt": str(tensors),
-        "sample_seconds": round(time.perf_counter() - started, 2),
-    }
+    out = {"samples_png": str(grid), "samples_pt": str(tensors)}
     if evaluator is not None:
         out["class_accuracy"] = evaluator.accuracy(samples["images"], samples["labels"])
         out["classifier_accuracy_on_real"] = evaluator.real_accuracy
@@ -461,28 +476,29 @@ def generate_text_samples(
     run_guided = cfg_parallel(model, ctx.dist)  # the [conditional; unconditional] halves on the cfg ranks
     model.eval()
     chunks = []
-    for start in range(0, len(all_prompts), sampling.batch_size):
-        chunk = all_prompts[start : start + sampling.batch_size]
-        sampler = make_sampler(
-            sampling,
-            diffusion,
-            model.learn_sigma,
-            clip,
-            getattr(model, "default_sampler", None),
-            pixels=pixel_area(model.config),
-            frames=shape[1],
-        )
-        inputs = conditioning.prompt_inputs(chunk, device, guided_run)
-        noise = torch.randn((len(chunk), *shape), generator=generator, device=device)
+    with attached(cache, model):
+        for start in range(0, len(all_prompts), sampling.batch_size):
+            chunk = all_prompts[start : start + sampling.batch_size]
+            sampler = make_sampler(
+                sampling,
+                diffusion,
+                model.learn_sigma,
+                clip,
+                getattr(model, "default_sampler", None),
+                pixels=pixel_area(model.config),
+                frames=shape[1],
+            )
+            inputs = conditioning.prompt_inputs(chunk, device, guided_run)
+            noise = torch.randn((len(chunk), *shape), generator=generator, device=device)
 
-        def predict(x, t, inputs=inputs, sampler=sampler):
-            with autocast(precision, device):
-                if not guided_run:
-                    return model(x, t, **inputs)
-                out = run_guided(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
-            return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
+            def predict(x, t, inputs=inputs, sampler=sampler):
+                with autocast(precision, device):
+                    if not guided_run:
+                        return model(x, t, **inputs)
+                    out = run_guided(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
+                return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
 
-        chunks.append(denoise_loop(predict, noise, sampler, generator, cache))
+            chunks.append(denoise_loop(predict, noise, sampler, generator, cache))
     latents = torch.cat(chunks)
     videos = decode_across_ranks(codec, latents, ctx.dist.comm("world")) if codec is not None else latents.clamp(-1, 1)
     return {"videos": videos.float().cpu(), "prompts": all_prompts, "latents": latents.cpu()}

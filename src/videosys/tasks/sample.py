@@ -66,7 +66,7 @@ def sample(
             f"{ctx.dist.dims.cfg} ranks, but sampling.cfg_scale=1.0 has no unconditional half; set "
             "sampling.cfg_scale above 1 or use a preset without cfg"
         )
-    cache = build_cache(pab)
+    cache = build_cache(pab, compiled_blocks=kernels.compile, num_steps=sampling.num_steps)
     text_encoder = text_encoder or TextEncoderConfig()
     dataset, spec = sample_data(data_cfg, model_entry(model_cfg.name).is_video)
     meta = path = None

@@ -278,7 +278,7 @@ def train(
             "sharded ranks; use precision=bf16 (no loss scaling needed)"
         )
     check_offload(parallel, dist)
-    cache = build_cache(pab)
+    cache = build_cache(pab, compiled_blocks=kernels.compile, num_steps=sampling.num_steps)
     dataset, spec = build_dataset(data_cfg)
     is_video = model_entry(model_cfg.name).is_video
     conditioner = make_text_conditioner(text_encoder or TextEncoderConfig(), spec, device) if is_video else None
