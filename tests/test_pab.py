@@ -31,7 +31,7 @@ from videosys.errors import ConfigError
 from videosys.models.blocks import AdaLNSingleBlock, attend
 from videosys.models.cogvideox import CogVideoX, CogVideoXConfig
 from videosys.ops import KernelsConfig
-from videosys.parallelize import cfg_parallel, parallelize
+from videosys.parallelize import cfg_parallel, compile_blocks, parallelize
 from videosys.precision import PrecisionConfig
 from videosys.run import config_dir
 
@@ -134,6 +134,13 @@ def test_policy_refuses_models_and_settings_it_cannot_serve():
         pass
     with pytest.raises(ConfigError, match="kernels.compile=true"):
         build_cache(_preset("opensora"), compiled_blocks=True)
+    compiled, _ = _model("opensora")
+    compile_blocks(compiled, "default", fullgraph=True)  # compiles lazily: nothing runs here
+    with (
+        pytest.raises(ConfigError, match=r"spatial_blocks\.0 is compiled"),
+        build_cache(_every_kind(2)).attached(compiled),
+    ):
+        pass
     assert build_cache(PABConfig()) is None
 
 

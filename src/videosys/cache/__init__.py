@@ -176,6 +176,13 @@ class PyramidAttentionBroadcast:
                 f"pab={self.name} reuses attention in video transformer blocks, and {type(model).__name__} has "
                 "none; use pab=off"
             )
+        # torch.compile of a block's forward (videosys.parallelize.compile_blocks) leaves this marker.
+        compiled = [name for name, _, b in blocks if hasattr(vars(b).get("forward"), "_torchdynamo_orig_callable")]
+        if compiled:
+            raise ConfigError(
+                f"pab={self.name} cannot drive compiled blocks ({compiled[0]} is compiled: kernels.compile=true); "
+                "use a kernels preset without compile (e.g. kernels=fused) or pab=off"
+            )
         depth = 1 + max(index for _, index, _ in blocks)
         bad = sorted(b for b in self.mlp_blocks if b >= depth)
         if bad:
