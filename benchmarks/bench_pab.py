@@ -72,7 +72,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_parallel import modes_for  # noqa: E402
 from bench_video import BATCH, build, kernels_preset, opensora_cases, relative_error  # noqa: E402
 
-from videosys.cache import KINDS, MLPBroadcastRule, PABConfig, build_cache, cacheable_blocks  # noqa: E402
+from videosys.cache import (  # noqa: E402
+    MLPBroadcastRule,
+    PABConfig,
+    attention_reused_fraction,
+    build_cache,
+    format_counts,
+    model_kinds,
+)
 from videosys.diffusion import DiffusionConfig, SamplingConfig, denoise_loop, guided, make_sampler  # noqa: E402
 from videosys.distributed import ParallelConfig, init_distributed, shutdown_distributed  # noqa: E402
 from videosys.errors import ConfigError  # noqa: E402
@@ -81,7 +88,7 @@ from videosys.models.latte import Latte, LatteConfig  # noqa: E402
 from videosys.models.opensora import OpenSora, OpenSoraConfig  # noqa: E402
 from videosys.parallelize import cfg_parallel, parallelize  # noqa: E402
 from videosys.precision import PrecisionConfig, autocast  # noqa: E402
-from videosys.run import config_dir, to_run_config  # noqa: E402
+from videosys.run import compose_config, config_dir, to_run_config  # noqa: E402
 from videosys.tasks.common import attached, model_diffusion_defaults, pixel_area  # noqa: E402
 
 MODELS = ("opensora", "latte", "cogvideox")
@@ -180,10 +187,7 @@ def cases(smoke: bool) -> dict[str, Case]:
 @functools.cache
 def pab_preset(name: str) -> PABConfig:
     """A configs/pab/ preset, composed by Hydra as a run composes it (as bench_video.kernels_preset does)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return to_run_config(compose(config_name="config", overrides=[f"pab={name}"])).pab
+    return to_run_config(compose_config([f"pab={name}"])).pab
 
 
 def all_pab_presets() -> list[str]:
@@ -199,17 +203,6 @@ def parallel_config(args) -> ParallelConfig:
         raise SystemExit(f"--sp-mode {args.sp_mode} needs --sp of at least 4 (usp is 2 x sp/2); got --sp {args.sp}")
     ulysses, ring = degrees[args.sp_mode]
     return ParallelConfig(name="bench_pab", cfg=args.cfg, sp_ulysses=ulysses, sp_ring=ring, sp_mode=args.sp_mode)
-
-
-def model_kinds(model: torch.nn.Module) -> set[str]:
-    """The kinds of call the model's cacheable blocks make: their self-attention layout, cross-attention when
-    they have one, and MLPs."""
-    kinds = {"mlp"}
-    for _, _, block in cacheable_blocks(model):
-        kinds.add(getattr(block, "layout", "full"))
-        if getattr(block, "cross_attn", None) is not None:
-            kinds.add("cross")
-    return kinds
 
 
 def reusing_kinds(cfg: PABConfig, kinds: set[str]) -> list[str]:
@@ -341,9 +334,6 @@ def bench_model(case: Case, presets: list[str], ctx, kernels, precision, args, r
         latents = measured.pop("latents")
         if reference is None:  # the first run is pab=off (main puts it first)
             reference = {"latents": latents, "total_s": measured["total_s"]}
-        computed, reused = measured["pab_computed"], measured["pab_reused"]
-        attention = [k for k in KINDS if k != "mlp"]
-        attn_calls = sum(computed.get(k, 0) + reused.get(k, 0) for k in attention)
         row = {
             "model": case.key,
             "config": case.title,
@@ -352,7 +342,7 @@ def bench_model(case: Case, presets: list[str], ctx, kernels, precision, args, r
             **measured,
             "sampler": sampler_name(model, case),
             "speedup": reference["total_s"] / measured["total_s"],
-            "attention_reused_fraction": sum(reused.get(k, 0) for k in attention) / attn_calls if attn_calls else 0.0,
+            "attention_reused_fraction": attention_reused_fraction(measured["pab_computed"], measured["pab_reused"]),
             "relative_difference": relative_error(latents, reference["latents"]),
         }
         results.append(row)
@@ -366,10 +356,6 @@ def bench_model(case: Case, presets: list[str], ctx, kernels, precision, args, r
 # --- reporting ----------------------------------------------------------------------------------------------
 
 
-def counts(d: dict) -> str:
-    return " ".join(f"{k[0]}{v}" for k, v in d.items()) if d else "-"
-
-
 def markdown(results: list[dict]) -> str:
     head = (
         "| model | pab | steps | total s | ms/step | speedup | computed | reused | attn reused | cache MiB "
@@ -380,7 +366,7 @@ def markdown(results: list[dict]) -> str:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
         lines.append(
             f"| {r['config']} | {r['pab']} | {r['steps']} | {r['total_s']:.2f} | {r['ms_per_step']:.1f} "
-            f"| {r['speedup']:.2f} | {counts(r['pab_computed'])} | {counts(r['pab_reused'])} "
+            f"| {r['speedup']:.2f} | {format_counts(r['pab_computed'])} | {format_counts(r['pab_reused'])} "
             f"| {r['attention_reused_fraction']:.1%} | {r['pab_cache_mib']:.2f} | {peak} "
             f"| {r['relative_difference']:.2e} |"
         )

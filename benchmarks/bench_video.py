@@ -43,12 +43,9 @@ KERNEL_PRESETS = ("none", "auto", "fused", "compile", "fused_compile")  # config
 
 def kernels_preset(name: str) -> KernelsConfig:
     """A configs/kernels/ preset, composed by Hydra as a run composes it (this script builds models itself)."""
-    from hydra import compose, initialize_config_dir
+    from videosys.run import compose_config, to_run_config
 
-    from videosys.run import config_dir, to_run_config
-
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return to_run_config(compose(config_name="config", overrides=[f"kernels={name}"])).kernels
+    return to_run_config(compose_config([f"kernels={name}"])).kernels
 
 
 def with_kernels(model, preset: str, device):

@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from videosys.cache import attention_reused_fraction, format_counts
+
 PRESETS = ["latte", "opensora", "fast", "quality", "opensora_plan", "cogvideox"]
-ATTENTION_KINDS = ("spatial", "temporal", "full", "cross")
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
@@ -160,9 +161,6 @@ def summarize(preset: str, run: dict, reference: dict) -> dict:
         raise SystemExit(f"pab={preset} sampled other prompts than pab=off")
     computed = metrics.get("pab_computed", {})
     reused = metrics.get("pab_reused", {})
-    attn_computed = sum(v for k, v in computed.items() if k in ATTENTION_KINDS)
-    attn_reused = sum(v for k, v in reused.items() if k in ATTENTION_KINDS)
-    total = attn_computed + attn_reused
     row = {
         "pab": preset,
         **clip_scores(samples["videos"], reference["samples"]["videos"]),
@@ -170,9 +168,7 @@ def summarize(preset: str, run: dict, reference: dict) -> dict:
         "direction_accuracy": metrics.get("direction_accuracy"),
         "pab_computed": computed,
         "pab_reused": reused,
-        "attention_computed": attn_computed,
-        "attention_reused": attn_reused,
-        "attention_reused_fraction": attn_reused / total if total else 0.0,
+        "attention_reused_fraction": attention_reused_fraction(computed, reused),
         "mlp_reused": reused.get("mlp", 0),
         "pab_cache_mib": metrics.get("pab_cache_mib", 0.0),
         "sample_seconds": metrics.get("sample_seconds"),
@@ -203,10 +199,6 @@ def fmt(value, spec: str) -> str:
     return format(value, spec)
 
 
-def counts(d: dict) -> str:
-    return " ".join(f"{k[0]}{v}" for k, v in d.items()) if d else "-"
-
-
 def markdown(rows: list[dict]) -> str:
     head = (
         "| pab | PSNR dB (min) | SSIM (min) | digit acc | direction acc | computed | reused | attn reused "
@@ -218,7 +210,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['pab']} | {fmt(r['psnr'], '.2f')} ({fmt(r['psnr_min'], '.2f')}) "
             f"| {fmt(r['ssim'], '.4f')} ({fmt(r['ssim_min'], '.4f')}) "
             f"| {fmt(r['digit_accuracy'], '.3f')} | {fmt(r['direction_accuracy'], '.3f')} "
-            f"| {counts(r['pab_computed'])} | {counts(r['pab_reused'])} "
+            f"| {format_counts(r['pab_computed'])} | {format_counts(r['pab_reused'])} "
             f"| {fmt(r['attention_reused_fraction'], '.1%')} | {fmt(r['pab_cache_mib'], '.2f')} "
             f"| {fmt(r['sample_seconds'], '.1f')} |"
         )

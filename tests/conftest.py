@@ -17,11 +17,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from videosys.run import config_dir, execute, to_run_config
+from videosys.run import compose_config, execute, to_run_config
 
 # A few optimizer steps and a short sampler: enough to exercise every stage in seconds.
 TINY = [
@@ -32,11 +31,6 @@ TINY = [
     "sampling.num_steps=3",
     "sampling.num_per_class=1",
 ]
-
-
-def compose_config(overrides: list[str]):
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 def run_inprocess(overrides: list[str], run_dir: Path, device: str = "cpu") -> dict:

@@ -10,8 +10,6 @@ import dataclasses
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from multiprocess import run_ranks
 from test_parallel import VIDEO, build, relative_error
@@ -22,6 +20,7 @@ from videosys.cache import (
     PABConfig,
     build_cache,
     compute_plan,
+    model_kinds,
     steps_in_window,
 )
 from videosys.diffusion import DiffusionConfig, SamplingConfig
@@ -33,16 +32,14 @@ from videosys.models.cogvideox import CogVideoX, CogVideoXConfig
 from videosys.ops import KernelsConfig
 from videosys.parallelize import cfg_parallel, compile_blocks, parallelize
 from videosys.precision import PrecisionConfig
-from videosys.run import config_dir
+from videosys.run import compose_config, to_run_config
 
 VIDEO_MODELS = ("latte", "opensora", "opensora_plan", "cogvideox")
 STEPS = 10
 
 
 def _preset(name: str) -> PABConfig:
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = compose(config_name="config", overrides=[f"pab={name}"])
-    return OmegaConf.to_object(cfg.pab)
+    return to_run_config(compose_config([f"pab={name}"])).pab
 
 
 def _every_kind(interval: int, window=(0.0, 1.0), mlp_blocks=(0,)) -> PABConfig:
@@ -205,6 +202,11 @@ def test_counts_follow_the_schedule(name):
         assert report["pab_reused"].get(kind, 0) == blocks[kind] * plan.count(False), kind
     assert report["pab_cache_mib"] > 0
     assert cache.stored_bytes() == 0  # freed when the loop ended
+    attention = [k for k in KINDS if k != "mlp"]
+    reused = sum(report["pab_reused"].get(k, 0) for k in attention)
+    total = reused + sum(report["pab_computed"].get(k, 0) for k in attention)
+    assert report["pab_attention_reused"] == pytest.approx(reused / total) and 0 < reused < total
+    assert model_kinds(model) == {kind for kind, n in blocks.items() if n}
 
 
 def test_reused_attention_is_gated_by_the_current_step():

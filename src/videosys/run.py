@@ -116,6 +116,13 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "configs")
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The shipped configs composed with `overrides`, as `python -m videosys.run` composes them, outside a
+    run (scripts that build models themselves, tests); `to_run_config` validates the result."""
+    with hydra.initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return hydra.compose(config_name="config", overrides=overrides)
+
+
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
     """Keys that no schema declares. Hydra rejects `key=value` for those, but `+key=value` slips
     through and would otherwise be dropped silently."""

@@ -147,6 +147,23 @@ def cacheable_blocks(model: nn.Module) -> list[tuple[str, int, nn.Module]]:
     return found
 
 
+def model_kinds(model: nn.Module) -> set[str]:
+    """The kinds of call `model`'s cacheable blocks make (each block lists its own in `cache_kinds`)."""
+    return {kind for _, _, block in cacheable_blocks(model) for kind in block.cache_kinds}
+
+
+def attention_reused_fraction(computed: dict[str, int], reused: dict[str, int]) -> float:
+    """The fraction of attention calls (every kind but MLPs) that were reused."""
+    attention = [k for k in KINDS if k != "mlp"]
+    total = sum(computed.get(k, 0) + reused.get(k, 0) for k in attention)
+    return sum(reused.get(k, 0) for k in attention) / total if total else 0.0
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """Counts per kind in one short cell, "s84 t68 c60" (s spatial, t temporal, f full, c cross, m MLP)."""
+    return " ".join(f"{kind[0]}{n}" for kind, n in counts.items()) if counts else "-"
+
+
 class PyramidAttentionBroadcast:
     """The per-run PAB policy (see the module docstring). Counters accumulate over every sampling loop
     of the run; stored outputs live only within one loop."""
@@ -164,6 +181,7 @@ class PyramidAttentionBroadcast:
         self._reused_kinds: set[str] = set()  # kinds the current loop reuses at some step: only those are stored
         self._step: int | None = None
         self._stored: dict[tuple[str, str], torch.Tensor] = {}
+        self._stored_bytes = 0
 
     # --- attaching to a model ---------------------------------------------------------------------
 
@@ -207,6 +225,7 @@ class PyramidAttentionBroadcast:
         self._plans = {kind: compute_plan(kind, rule, timesteps) for kind, rule in self.rules.items()}
         self._reused_kinds = {kind for kind, plan in self._plans.items() if not all(plan)}
         self._stored.clear()
+        self._stored_bytes = 0
         self._step = None
 
     def at_step(self, i: int) -> None:
@@ -215,6 +234,7 @@ class PyramidAttentionBroadcast:
     def finish(self) -> None:
         """The loop is over: free what it stored."""
         self._stored.clear()
+        self._stored_bytes = 0
         self._plans = None
         self._step = None
 
@@ -229,15 +249,17 @@ class PyramidAttentionBroadcast:
         if self._plans[kind][self._step] or key not in self._stored:
             out = compute()
             if kind in self._reused_kinds:
+                replaced = self._stored.get(key)
+                self._stored_bytes += _nbytes(out) - (_nbytes(replaced) if replaced is not None else 0)
                 self._stored[key] = out
-                self.peak_bytes = max(self.peak_bytes, self.stored_bytes())
+                self.peak_bytes = max(self.peak_bytes, self._stored_bytes)
             self.computed[kind] += 1
             return out
         self.reused[kind] += 1
         return self._stored[key]
 
     def stored_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._stored.values())
+        return self._stored_bytes
 
     # --- reporting --------------------------------------------------------------------------------
 
@@ -250,6 +272,7 @@ class PyramidAttentionBroadcast:
             "pab_computed": {k: self.computed[k] for k in kinds},
             "pab_reused": {k: self.reused[k] for k in kinds},
             "pab_cache_mib": round(self.peak_bytes / 2**20, 3),
+            "pab_attention_reused": attention_reused_fraction(self.computed, self.reused),
         }
 
     def log_report(self) -> None:
@@ -257,6 +280,10 @@ class PyramidAttentionBroadcast:
         computed, reused = r["pab_computed"], r["pab_reused"]
         calls = ", ".join(f"{k} {computed[k]} computed / {reused[k]} reused" for k in computed)
         log.info("PAB (%s): %s; cache held up to %.1f MiB on this rank", self.name, calls, r["pab_cache_mib"])
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def build_cache(

@@ -427,6 +427,7 @@ class AdaLNSingleBlock(nn.Module):
         self.scale_shift_table = nn.Parameter(torch.randn(6, dim) / dim**0.5)
         self.ops = TORCH_OPS
         self.cache = None  # step-reuse policy handle while sampling (videosys.cache)
+        self.cache_kinds = (layout, "cross", "mlp") if cross_attention else (layout, "mlp")  # what `cached` wraps
 
     def forward(
         self,

@@ -301,6 +301,7 @@ class CogVideoXBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ops = TORCH_OPS
         self.cache = None  # step-reuse policy handle while sampling (videosys.cache)
+        self.cache_kinds = ("full", "mlp")  # what `cached` wraps
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor, rope: Rotary | None = None
