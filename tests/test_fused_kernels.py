@@ -394,6 +394,27 @@ def test_ops_run_under_a_dispatch_mode_and_give_the_eager_gradients(device):
             torch.testing.assert_close(dispatched, eager, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_without_grad_give_the_autograd_path_outputs(device):
+    """Under no_grad (sampling) the launchers run without autograd's wrapper: the same outputs, bit for bit."""
+    g = torch.Generator().manual_seed(1)
+    x, residual = (torch.randn(2, 12, 72, generator=g).to(device) for _ in range(2))
+    shift, scale, gate = (torch.randn(2, 3, 72, generator=g).to(device) for _ in range(3))
+    weight, bias = (torch.randn(72, generator=g).to(device).requires_grad_() for _ in range(2))
+    calls = {
+        "modulate": lambda: fused_modulate(x, shift, scale),
+        "layernorm_modulate": lambda: fused_layernorm_modulate(x, shift, scale, EPS, weight=weight, bias=bias),
+        "rms_norm": lambda: fused_rms_norm(x, weight, EPS, out_dtype=BF16),
+        "gate_residual": lambda: fused_gate_residual(residual, gate, x),
+    }
+    for name, call in calls.items():
+        with_grad = call()
+        with torch.no_grad():
+            without = call()
+        assert not without.requires_grad, name
+        assert without.dtype == with_grad.dtype and torch.equal(without, with_grad.detach()), name
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shape errors
 # ----------------------------------------------------------------------------------------------------------

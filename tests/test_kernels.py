@@ -15,6 +15,7 @@ import torch
 from test_parallel import build, relative_error
 from videosys.distributed import DistContext, ParallelConfig, init_distributed, shutdown_distributed
 from videosys.errors import ConfigError
+from videosys.models.blocks import HeadLayerNorm
 from videosys.ops import ATTENTION_BACKENDS, KernelsConfig, build_attention, build_block_ops
 from videosys.ops.attention import AttentionBackend, AttentionChoice, AttentionSelector, math_attention
 from videosys.parallelize import parallelize
@@ -120,6 +121,43 @@ def test_auto_measures_each_call_shape_once_logs_it_and_keeps_the_fastest(caplog
     assert lines[0].split(": ", 1)[1].startswith(chosen.describe(72))
     torch.testing.assert_close(first, math_attention(q, k, v), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_auto_under_autocast_chooses_for_the_autocast_dtype():
+    """An fp32 q/k/v under bf16 autocast runs in bf16 (SDPA casts it), so the choice is measured for
+    bf16: a backend that runs only bf16 fits and, being faster, is chosen; the inputs reach it in bf16."""
+    seen = []
+
+    def bf16_only(q, k, v, mask=None, scale=None):
+        seen.append({t.dtype for t in (q, k, v)})
+        return math_attention(q, k, v, mask, scale)
+
+    fast_bf16 = AttentionBackend("bf16_only", bf16_only, ("cpu",), (torch.bfloat16,), "runs bf16 only")
+    slow_any = _slowed(ATTENTION_BACKENDS["math"], 0.02)
+    selector = AttentionSelector([slow_any, fast_bf16], pad_head_dim="off", measure_iters=2)
+    q, k, v = _qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = selector(q, k, v)
+        expected = math_attention(*(t.to(torch.bfloat16) for t in (q, k, v)))
+    ((signature, choice),) = selector.choices.items()
+    assert signature[2] == "bfloat16" and choice.backend.name == "bf16_only"
+    assert out.dtype == torch.bfloat16 and seen[-1] == {torch.bfloat16}
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert selector(q, k, v).dtype == torch.float32  # without autocast: as given
+
+
+def test_head_layer_norm_keeps_its_input_dtype_under_autocast():
+    """The q/k LayerNorm (CogVideoX) returns bf16 for bf16 input under autocast, with LayerNorm's values."""
+    norm = HeadLayerNorm(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.1, 0.1)
+    x = torch.randn(2, 7, 3, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = norm(x)
+    expected = torch.nn.functional.layer_norm(x.float(), (64,), norm.weight, norm.bias, 1e-6)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)  # bf16 output rounding
 
 
 def _slowed(backend: AttentionBackend, seconds: float) -> AttentionBackend:

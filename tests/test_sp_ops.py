@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from multiprocess import run_ranks
 from videosys.distributed import CommCounter, CommGroup
-from videosys.distributed.collectives import chunk_length, gather_sequence, scatter_sequence
+from videosys.distributed.collectives import chunk_length, gather_sequence, scatter_sequence, switch_split
 from videosys.ops.attention import sdpa_attention
 from videosys.ops.sequence_parallel import ring_attention, ulysses_attention, usp_attention
 
@@ -78,3 +78,35 @@ def test_sequence_parallel_attention_equals_single_process(world):
     assert len(results) == 3 * (3 if world == 4 else 2)
     for key, error in results.items():
         assert error < 1e-5, (key, error)
+
+
+def _check_switch_split(rank: int, world: int) -> list:
+    """DSP's switch from a split over space to one over frames and back, for lengths the degree divides,
+    does not divide, and (3 frames on 4 ranks) leaves a rank with padding only: the values and the
+    gradients must be exactly the sliced full tensors'. Returns the cases where some rank differed."""
+    comm = CommGroup.of(dist.group.WORLD)
+    failures = []
+    for frames, spatial in ((2 * world, 3 * world), (5, 7), (3, 2 * world + 1)):
+        torch.manual_seed(frames * 100 + spatial)
+        video, weight = torch.randn(2, frames, spatial, 3), torch.randn(2, frames, spatial, 3)
+        local = scatter_sequence(video, 2, comm).detach().requires_grad_(True)  # (B, T, S/n, C)
+        by_frames = switch_split(local, 1, 2, spatial, comm)  # (B, T/n, S, C)
+        chunk_t = chunk_length(frames, world)
+        expected = F.pad(video, (0, 0, 0, 0, 0, chunk_t * world - frames)).narrow(1, rank * chunk_t, chunk_t)
+        back = switch_split(by_frames * 2, 2, 1, frames, comm)
+        (back * scatter_sequence(weight, 2, comm)).sum().backward()
+        ok = [
+            torch.equal(by_frames, expected),
+            torch.equal(back, 2 * scatter_sequence(video, 2, comm)),
+            torch.equal(local.grad, 2 * scatter_sequence(weight, 2, comm)),
+        ]
+        flags = torch.tensor([0 if good else 1 for good in ok])
+        dist.all_reduce(flags)
+        if flags.any():
+            failures.append(((frames, spatial), flags.tolist()))
+    return failures
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dsp_switch_moves_the_split_exactly(world):
+    assert run_ranks(world, _check_switch_split) == []

@@ -151,6 +151,66 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, gather_dim, scatter_dim, ctx.comm), None, None, None
 
 
+def _switch_split(x: torch.Tensor, scatter_dim: int, gather_dim: int, gather_length: int, comm: CommGroup):
+    n, length, local = comm.size, x.shape[scatter_dim], x.shape[gather_dim]
+    chunk = chunk_length(length, n)
+    if chunk_length(gather_length, n) != local:
+        raise ValueError(f"dimension {gather_dim} of {tuple(x.shape)} is not the chunk of {gather_length} rows")
+    # Pack: one copy of the ranks' full chunks, one of a partial chunk, zeros for the padding. The
+    # send buffer is written once, with no padded or stacked temporaries.
+    piece = list(x.shape)
+    piece[scatter_dim] = chunk
+    send = x.new_empty((n, *piece))
+    full, rest = divmod(length, chunk)
+    if full:
+        chunks = x.narrow(scatter_dim, 0, full * chunk).unflatten(scatter_dim, (full, chunk))
+        send[:full].copy_(chunks.movedim(scatter_dim, 0))
+    if full < n:
+        padding = send[full:]
+        if rest:
+            padding[0].narrow(scatter_dim, 0, rest).copy_(x.narrow(scatter_dim, full * chunk, rest))
+            padding[0].narrow(scatter_dim, rest, chunk - rest).zero_()
+            padding = padding[1:]
+        padding.zero_()
+    received = torch.empty_like(send)
+    comm.count("all_to_all", send)
+    dist.all_to_all_single(received, send, group=comm.group)
+    # Unpack: rank r's rows go to chunk r of `gather_dim`, their padding cut.
+    shape = list(piece)
+    shape[gather_dim] = gather_length
+    out = x.new_empty(shape)
+    full, rest = divmod(gather_length, local)
+    if full:
+        out.narrow(gather_dim, 0, full * local).unflatten(gather_dim, (full, local)).copy_(
+            received[:full].movedim(0, gather_dim)
+        )
+    if rest:
+        out.narrow(gather_dim, full * local, rest).copy_(received[full].narrow(gather_dim, 0, rest))
+    return out
+
+
+class _SwitchSplit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scatter_dim, gather_dim, gather_length, comm):
+        ctx.args = (gather_dim, scatter_dim, x.shape[scatter_dim], comm)
+        return _switch_split(x, scatter_dim, gather_dim, gather_length, comm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _switch_split(grad, *ctx.args), None, None, None, None
+
+
+def switch_split(x: torch.Tensor, scatter_dim: int, gather_dim: int, gather_length: int, comm: CommGroup):
+    """Move the split of `x` from `gather_dim` to `scatter_dim` with one all-to-all (DSP's switch).
+
+    `x` holds this rank's chunk of `gather_dim` (ceil(gather_length / n) rows, the last ones padding)
+    and all of `scatter_dim`; the result holds this rank's chunk of `scatter_dim` (zero-padded the same
+    way) and all `gather_length` rows of `gather_dim`. Any lengths work."""
+    if comm.size == 1:
+        return x
+    return _SwitchSplit.apply(x, scatter_dim, gather_dim, gather_length, comm)
+
+
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: CommGroup) -> torch.Tensor:
     """Split `x` along `scatter_dim` (which must divide evenly), send chunk i to rank i, and
     concatenate what arrives along `gather_dim` in rank order: switches which dimension is sharded."""

@@ -178,6 +178,16 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
 
+class HeadLayerNorm(nn.LayerNorm):
+    """LayerNorm of each head's q or k that keeps its input's dtype. CUDA autocast runs LayerNorm in
+    fp32 and returns fp32, which doubles the traffic of the rotary embedding after it and hands the
+    attention fp32 inputs; the kernel accumulates in fp32 either way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
 def qk_norm_layer(kind: str | None, head_dim: int, eps: float) -> nn.Module:
     """Per-head query/key normalisation: None, "rms" (Open-Sora) or "layernorm" (CogVideoX)."""
     if kind is None:
@@ -185,7 +195,7 @@ def qk_norm_layer(kind: str | None, head_dim: int, eps: float) -> nn.Module:
     if kind == "rms":
         return RMSNorm(head_dim, eps)
     if kind == "layernorm":
-        return nn.LayerNorm(head_dim, eps=eps)
+        return HeadLayerNorm(head_dim, eps=eps)
     raise ValueError(f"qk_norm={kind!r} is not known; use None, 'rms' or 'layernorm'")
 
 

@@ -211,6 +211,18 @@ def run_attention(backend: AttentionBackend, head_dim: int | None, q, k, v, mask
     return out[..., :real]
 
 
+def autocast_inputs(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 inputs cast to the autocast dtype when autocast is on, as SDPA would cast them itself: the
+    backend is then chosen for (and a non-SDPA backend runs in) the dtype the attention really runs in.
+    Without this an fp32 q under bf16 autocast (after an fp32 norm) would be timed as fp32, where only
+    the slow memory-efficient kernel fits."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in (q, k, v))
+
+
 # A call's shape as plain constants (strings, ints, tuples; torch.compile passes them to the choice as
 # constants): (device type, device index, dtype name, q shape, k shape, mask shape or None, backward).
 Signature = tuple
@@ -261,6 +273,7 @@ class AttentionSelector:
         self._choose_constant = torch.compiler.assume_constant_result(choose)
 
     def __call__(self, q, k, v, mask=None) -> torch.Tensor:
+        q, k, v = autocast_inputs(q, k, v)
         if self.fixed is not None:
             return self.fixed(q, k, v, mask)
         name, head_dim = self._choose_constant(call_signature(q, k, v, mask))

@@ -935,6 +935,7 @@ def _check_pow2(params: PassLaunch) -> None:
         raise ValueError(f"tile and block_c must be powers of two, got {params}")
 
 
+@functools.cache
 def elementwise_blocks(params: PassLaunch, channels: int, group_len: int) -> _Blocks:
     """Column blocks of up to block_c; rows per tile from the tile size, no more than a group has."""
     _check_pow2(params)
@@ -943,6 +944,7 @@ def elementwise_blocks(params: PassLaunch, channels: int, group_len: int) -> _Bl
     return _Blocks(block_m, block_c, 0, False, _num_warps(params, block_m * block_c), params.num_stages)
 
 
+@functools.cache
 def norm_blocks(params: PassLaunch, channels: int, group_len: int) -> _Blocks:
     """Rows up to block_c wide as a power-of-two head and tail in registers (1152 = 1024 + 128, 72 = 64 + 8);
     wider rows in chunks of block_c. Rows per tile from the tile size over the head."""
@@ -959,7 +961,12 @@ def _splits(
 ) -> tuple[int, int]:
     """(n_splits, rows_per_split): each group's rows are cut into splits of whole BLOCK_M tiles, enough that
     the grid has about programs_per_sm programs per SM, at least one tile each."""
-    programs = params.programs_per_sm * _sm_count(device.type, device.index)
+    return _cached_splits(group_len, n_groups, n_col_blocks, blocks, params, device.type, device.index)
+
+
+@functools.cache  # launch plans are recomputed for every call otherwise: host time that sampling waits on
+def _cached_splits(group_len, n_groups, n_col_blocks, blocks: _Blocks, params: PassLaunch, device_type, index):
+    programs = params.programs_per_sm * _sm_count(device_type, index)
     want = min(triton.cdiv(programs, n_groups * n_col_blocks), 65535)  # a grid's second dim is < 2^16
     splits = max(1, min(triton.cdiv(group_len, blocks.block_m), want))
     rows_per_split = triton.cdiv(triton.cdiv(group_len, splits), blocks.block_m) * blocks.block_m
@@ -1327,6 +1334,8 @@ class _EagerAutograd(torch.autograd.Function):
 def _call(spec: _OpSpec, *inputs):
     if _tracing(inputs[0]):
         return spec.op(*inputs)
+    if not torch.is_grad_enabled():  # sampling: nothing to record, skip autograd's CPU cost
+        return spec.impl(*inputs)
     return _EagerAutograd.apply(spec, *inputs)
 
 

@@ -25,11 +25,11 @@ import torch
 
 from videosys.distributed.collectives import (
     CommGroup,
-    all_to_all,
     chunk_length,
     gather_sequence,
     pad_dim,
     scatter_sequence,
+    switch_split,
 )
 from videosys.models.blocks import Attention, Rotary, attend_locally
 from videosys.ops.sequence_parallel import ring_attention, ulysses_attention, usp_attention
@@ -104,12 +104,9 @@ class SequenceParallel:
 
     def _switched_spatial(self, attn: Attention, x: torch.Tensor, rope: Rotary | None, spatial: int) -> torch.Tensor:
         """DSP: (B, T, S/n, C) -> (B, T/n, S, C), attention within each frame, and back."""
-        frames, n = x.shape[1], self.sp.size
-        chunk_t = chunk_length(frames, n)
-        h = all_to_all(pad_dim(x, 1, chunk_t * n), 1, 2, self.sp)[:, :, :spatial]
+        h = switch_split(x, 1, 2, spatial, self.sp)
         h = attend_locally(attn, h, "spatial", rope)
-        h = all_to_all(pad_dim(h, 2, x.shape[2] * n), 2, 1, self.sp)
-        return h[:, :frames]
+        return switch_split(h, 2, 1, x.shape[1], self.sp)
 
     def _local_rope(self, rope: Rotary, frames: int, spatial: int) -> Rotary:
         """The rows of a full-3D rotary table (T * S rows, t-major) for this rank's (T, S/n) tokens."""
