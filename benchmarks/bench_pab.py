@@ -75,7 +75,6 @@ from bench_video import BATCH, build, kernels_preset, opensora_cases, relative_e
 from videosys.cache import (  # noqa: E402
     MLPBroadcastRule,
     PABConfig,
-    attention_reused_fraction,
     build_cache,
     format_counts,
     model_kinds,
@@ -298,7 +297,9 @@ def run_once(model, case: Case, cfg: PABConfig, ctx, kernels, precision: Precisi
         latents = denoise_loop(predict, noise, sampler, generator, cache)
     synchronize(device)
     seconds = reduce_max(time.perf_counter() - start)
-    report = cache.report() if cache is not None else {"pab_computed": {}, "pab_reused": {}, "pab_cache_mib": 0.0}
+    report = cache.report() if cache is not None else {
+        "pab_computed": {}, "pab_reused": {}, "pab_cache_mib": 0.0, "pab_attention_reused": 0.0,
+    }  # fmt: skip
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {
         "total_s": seconds,
@@ -306,6 +307,7 @@ def run_once(model, case: Case, cfg: PABConfig, ctx, kernels, precision: Precisi
         "pab_computed": report["pab_computed"],
         "pab_reused": report["pab_reused"],
         "pab_cache_mib": reduce_max(report["pab_cache_mib"]),
+        "pab_attention_reused": report["pab_attention_reused"],
         "peak_gib": reduce_max(peak) if peak is not None else None,
         "latents": latents,
     }
@@ -342,7 +344,6 @@ def bench_model(case: Case, presets: list[str], ctx, kernels, precision, args, r
             **measured,
             "sampler": sampler_name(model, case),
             "speedup": reference["total_s"] / measured["total_s"],
-            "attention_reused_fraction": attention_reused_fraction(measured["pab_computed"], measured["pab_reused"]),
             "relative_difference": relative_error(latents, reference["latents"]),
         }
         results.append(row)
@@ -367,7 +368,7 @@ def markdown(results: list[dict]) -> str:
         lines.append(
             f"| {r['config']} | {r['pab']} | {r['steps']} | {r['total_s']:.2f} | {r['ms_per_step']:.1f} "
             f"| {r['speedup']:.2f} | {format_counts(r['pab_computed'])} | {format_counts(r['pab_reused'])} "
-            f"| {r['attention_reused_fraction']:.1%} | {r['pab_cache_mib']:.2f} | {peak} "
+            f"| {r['pab_attention_reused']:.1%} | {r['pab_cache_mib']:.2f} | {peak} "
             f"| {r['relative_difference']:.2e} |"
         )
     lines.append("")

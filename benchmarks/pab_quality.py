@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from videosys.cache import attention_reused_fraction, format_counts
+from videosys.cache import format_counts
 
 PRESETS = ["latte", "opensora", "fast", "quality", "opensora_plan", "cogvideox"]
 SSIM_WINDOW = 11
@@ -168,7 +168,7 @@ def summarize(preset: str, run: dict, reference: dict) -> dict:
         "direction_accuracy": metrics.get("direction_accuracy"),
         "pab_computed": computed,
         "pab_reused": reused,
-        "attention_reused_fraction": attention_reused_fraction(computed, reused),
+        "pab_attention_reused": metrics.get("pab_attention_reused", 0.0),
         "mlp_reused": reused.get("mlp", 0),
         "pab_cache_mib": metrics.get("pab_cache_mib", 0.0),
         "sample_seconds": metrics.get("sample_seconds"),
@@ -211,7 +211,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {fmt(r['ssim'], '.4f')} ({fmt(r['ssim_min'], '.4f')}) "
             f"| {fmt(r['digit_accuracy'], '.3f')} | {fmt(r['direction_accuracy'], '.3f')} "
             f"| {format_counts(r['pab_computed'])} | {format_counts(r['pab_reused'])} "
-            f"| {fmt(r['attention_reused_fraction'], '.1%')} | {fmt(r['pab_cache_mib'], '.2f')} "
+            f"| {fmt(r['pab_attention_reused'], '.1%')} | {fmt(r['pab_cache_mib'], '.2f')} "
             f"| {fmt(r['sample_seconds'], '.1f')} |"
         )
     lines.append("")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         r = rows[-1]
         print(
             f"pab={preset}: PSNR {fmt(r['psnr'], '.2f')} dB, SSIM {r['ssim']:.4f}, "
-            f"{r['attention_reused_fraction']:.1%} of attention reused",
+            f"{r['pab_attention_reused']:.1%} of attention reused",
             flush=True,
         )
 

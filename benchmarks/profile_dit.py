@@ -1,5 +1,5 @@
 """Profile one DiT-XL/2 bf16 training step (VideoSys vs diffusers): the top aten ops by GPU time, and the
-step's GPU time by kernel family (GEMM and cuDNN attention, elementwise and reductions, optimizer).
+step's GPU time by kernel family (GEMM, attention, Triton, copies, optimizer, other: `kernel_family`).
 
     python benchmarks/profile_dit.py              # VideoSys and diffusers, eager
     python benchmarks/profile_dit.py --compile    # VideoSys with every block compiled (kernels=compile)
@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import collections
 import sys
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, "benchmarks")
-from peer_diffusers_dit import DiffusersDiT  # noqa: E402
-
-from videosys.diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from videosys.models.dit import DiT, DiTConfig  # noqa: E402
-from videosys.parallelize import compile_blocks  # noqa: E402
-from videosys.precision import PrecisionConfig, make_grad_scaler  # noqa: E402
-from videosys.tasks.train import OptimizerConfig, make_optimizer, optimizer_step  # noqa: E402
+from videosys.diffusion import DiffusionConfig, GaussianDiffusion
+from videosys.models.dit import DiT, DiTConfig
+from videosys.parallelize import compile_blocks
+from videosys.precision import PrecisionConfig, make_grad_scaler
+from videosys.tasks.train import OptimizerConfig, make_optimizer, optimizer_step
 
 
 def run(name, model, batch=64):
@@ -62,14 +60,23 @@ def run(name, model, batch=64):
 
 
 def kernel_family(name: str) -> str:
-    """A CUDA kernel's family by its name (cuBLAS' nvjet / cutlass GEMMs, cuDNN / flash attention, the
-    fused optimizer's multi-tensor kernels); everything else is elementwise or a reduction."""
+    """A CUDA kernel's family by its name: GEMM (cuBLAS' nvjet, cutlass), attention (cuDNN, flash,
+    memory-efficient), NCCL (includes waiting for other ranks), the project's Triton kernels, copies,
+    the fused optimizer's multi-tensor kernels; everything else is other elementwise work or a reduction."""
     lowered = name.lower()
-    if any(k in lowered for k in ("gemm", "nvjet", "xmma", "cutlass", "fmha", "flash", "cudnn", "sdpa")):
-        return "GEMM and attention"
+    if "nccl" in lowered:
+        return "nccl"
+    if any(k in lowered for k in ("fmha", "flash", "cudnn", "attention", "sdpa")):
+        return "attention"
+    if any(k in lowered for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul")):
+        return "gemm"
     if any(k in lowered for k in ("multi_tensor", "adam", "foreach")):
         return "optimizer"
-    return "elementwise and reductions"
+    if lowered.startswith("_") and "kernel" in lowered:  # _norm_fwd_kernel, _scale_add_bwd_kernel, ...
+        return "triton"
+    if any(k in lowered for k in ("cat", "copy", "stack", "nocast")):  # nocast: TensorIterator copies
+        return "copies"
+    return "other elementwise and reductions"
 
 
 if __name__ == "__main__":
@@ -80,5 +87,8 @@ if __name__ == "__main__":
         compile_blocks(model, "default", fullgraph=True)
         run("videosys, blocks compiled", model)
     else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from peer_diffusers_dit import DiffusersDiT  # the peer needs diffusers; importing kernel_family does not
+
         run("videosys", DiT(cfg).cuda())
         run("diffusers", DiffusersDiT().cuda())

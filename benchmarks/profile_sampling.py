@@ -30,24 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_pab  # noqa: E402
 from bench_video import BATCH  # noqa: E402
+from profile_dit import kernel_family  # noqa: E402
 
 from videosys.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from videosys.precision import PrecisionConfig, autocast  # noqa: E402
-
-
-def kernel_family(name: str) -> str:
-    n = name.lower()
-    if "nccl" in n:
-        return "nccl"
-    if any(k in n for k in ("gemm", "nvjet", "xmma", "cutlass_80", "cublas", "matmul")):
-        return "gemm"
-    if any(k in n for k in ("fmha", "flash", "cudnn", "attention", "sdpa")):
-        return "attention"
-    if n.startswith("_") and "kernel" in n:  # the project's Triton kernels (_norm_fwd_kernel, ...)
-        return "triton"
-    if any(k in n for k in ("cat", "copy", "stack", "elementwise_kernel<", "unrolled")):
-        return "copies"
-    return "other"
 
 
 def main() -> None:

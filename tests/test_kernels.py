@@ -15,7 +15,7 @@ import torch
 from test_parallel import build, relative_error
 from videosys.distributed import DistContext, ParallelConfig, init_distributed, shutdown_distributed
 from videosys.errors import ConfigError
-from videosys.models.blocks import HeadLayerNorm
+from videosys.models.blocks import Attention, HeadLayerNorm
 from videosys.ops import ATTENTION_BACKENDS, KernelsConfig, build_attention, build_block_ops
 from videosys.ops.attention import AttentionBackend, AttentionChoice, AttentionSelector, math_attention
 from videosys.parallelize import parallelize
@@ -146,18 +146,37 @@ def test_auto_under_autocast_chooses_for_the_autocast_dtype():
     assert selector(q, k, v).dtype == torch.float32  # without autocast: as given
 
 
-def test_head_layer_norm_keeps_its_input_dtype_under_autocast():
-    """The q/k LayerNorm (CogVideoX) returns bf16 for bf16 input under autocast, with LayerNorm's values."""
-    norm = HeadLayerNorm(64, eps=1e-6)
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
+def test_head_layer_norm_keeps_its_input_dtype_under_autocast(device):
+    """The q/k LayerNorm (CogVideoX) returns bf16 for bf16 input under autocast, with LayerNorm's values, and
+    the attention after it gets bf16 q and k. CUDA autocast runs a plain LayerNorm in fp32 (CPU autocast
+    does not), so the GPU case is the one that guards the CogVideoX attention choice."""
+    norm = HeadLayerNorm(64, eps=1e-6).to(device)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.1, 0.1)
-    x = torch.randn(2, 7, 3, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(2, 7, 3, 64, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = norm(x)
     expected = torch.nn.functional.layer_norm(x.float(), (64,), norm.weight, norm.bias, 1e-6)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)  # bf16 output rounding
+
+    seen = []
+    attention = Attention(64 * 3, 3, qk_norm="layernorm").to(device)
+    attention.attention_fn = lambda q, k, v, mask=None: seen.append((q.dtype, k.dtype)) or v
+    with torch.autocast(device, dtype=torch.bfloat16):
+        attention(torch.randn(2, 5, 64 * 3, device=device))
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
 
 
 def _slowed(backend: AttentionBackend, seconds: float) -> AttentionBackend:

@@ -4,7 +4,6 @@ current step, per-sample caches, and sequence- and CFG-parallel PAB against one 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 
@@ -33,6 +32,7 @@ from videosys.ops import KernelsConfig
 from videosys.parallelize import cfg_parallel, compile_blocks, parallelize
 from videosys.precision import PrecisionConfig
 from videosys.run import compose_config, to_run_config
+from videosys.tasks.common import attached
 
 VIDEO_MODELS = ("latte", "opensora", "opensora_plan", "cogvideox")
 STEPS = 10
@@ -73,8 +73,7 @@ def _sample(model, inputs, cache, steps: int = STEPS, guided_by=None) -> torch.T
         both = guided_by(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text, 0 * text]), torch.cat([mask, mask]))
         return guided(both.float(), x.shape[1], 4.0, False)
 
-    context = contextlib.nullcontext() if cache is None else cache.attached(model)
-    with context:
+    with attached(cache, model):
         return denoise_loop(predict, x.clone(), sampler, torch.Generator().manual_seed(0), cache)
 
 
@@ -84,7 +83,7 @@ def _sample(model, inputs, cache, steps: int = STEPS, guided_by=None) -> torch.T
 def test_fraction_window_selects_the_same_part_of_any_schedule():
     rule = BroadcastRule(interval=2, window=[0.25, 0.85])
     for steps, first, last in ((30, 8, 25), (60, 15, 50), (20, 5, 16)):
-        inside = steps_in_window("spatial", rule, list(range(steps, 0, -1)))
+        inside = steps_in_window(rule, list(range(steps, 0, -1)))
         assert (inside[0], inside[-1]) == (first, last), steps
         plan = compute_plan("spatial", rule, list(range(steps, 0, -1)))
         # Outside the window every step computes; inside, the first step and every 2nd one after it.
@@ -96,7 +95,7 @@ def test_fraction_window_selects_the_same_part_of_any_schedule():
 def test_absolute_window_follows_the_timesteps_and_refuses_to_select_nothing():
     shifted = [1000.0, 993.0, 985.0, 900.0, 700.0, 450.0, 256.0, 143.0]
     rule = BroadcastRule(interval=2, timesteps=[930, 450])
-    assert steps_in_window("temporal", rule, shifted) == [3, 4, 5]
+    assert steps_in_window(rule, shifted) == [3, 4, 5]
     assert compute_plan("temporal", rule, shifted) == [True, True, True, True, False, True, True, True]
     with pytest.raises(ConfigError, match=r"pab\.cross\.timesteps=\[100, 50\] selects no step.*1000\.0 to 143\.0"):
         compute_plan("cross", BroadcastRule(interval=6, timesteps=[100, 50]), shifted)
@@ -345,3 +344,13 @@ def test_sample_task_refuses_a_policy_that_cannot_work(tmp_path, extra, message)
     with pytest.raises(ConfigError, match=message):
         run_inprocess([*overrides, *extra], tmp_path)
     assert not (tmp_path / "samples.pt").exists()
+
+
+def test_train_task_refuses_a_policy_the_model_cannot_serve_before_training(tmp_path):
+    """DiT has no video blocks for PAB: the run stops when the model is built, before the first step (no
+    metrics line, no checkpoint), not when it samples at the end."""
+    from conftest import TINY, run_inprocess
+
+    with pytest.raises(ConfigError, match="DiT has none; use pab=off"):
+        run_inprocess([*TINY, "pab=opensora"], tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()

@@ -90,7 +90,7 @@ def _check_rule(kind: str, rule: BroadcastRule) -> None:
         raise ConfigError(f"{where}.blocks={list(rule.blocks)} must be block indices >= 0")
 
 
-def steps_in_window(kind: str, rule: BroadcastRule, timesteps: Sequence[float]) -> list[int]:
+def steps_in_window(rule: BroadcastRule, timesteps: Sequence[float]) -> list[int]:
     """The indices of the denoising steps inside `rule`'s window, for a loop over `timesteps`."""
     n = len(timesteps)
     if rule.timesteps is not None:
@@ -107,7 +107,7 @@ def compute_plan(kind: str, rule: BroadcastRule, timesteps: Sequence[float]) -> 
     plan = [True] * len(timesteps)
     if rule.interval == 1:
         return plan
-    inside = steps_in_window(kind, rule, timesteps)
+    inside = steps_in_window(rule, timesteps)
     if not inside:
         if rule.timesteps is not None:
             span = f"this schedule's timesteps run from {max(timesteps):.1f} to {min(timesteps):.1f}"
@@ -185,9 +185,9 @@ class PyramidAttentionBroadcast:
 
     # --- attaching to a model ---------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def attached(self, model: nn.Module) -> Iterator[None]:
-        """Give each cacheable block of `model` its handle for the duration of a sampling call."""
+    def check_model(self, model: nn.Module) -> list[tuple[str, int, nn.Module]]:
+        """`model`'s cacheable blocks, or a ConfigError with the fix if this policy cannot drive them. The
+        tasks call it when the model is built, so a bad pairing stops the run before training or sampling."""
         blocks = cacheable_blocks(model)
         if not blocks:
             raise ConfigError(
@@ -208,6 +208,12 @@ class PyramidAttentionBroadcast:
                 f"pab.mlp.blocks has {bad}, but the model's block lists have {depth} blocks (0..{depth - 1}); "
                 "list indices in that range"
             )
+        return blocks
+
+    @contextlib.contextmanager
+    def attached(self, model: nn.Module) -> Iterator[None]:
+        """Give each cacheable block of `model` its handle for the duration of a sampling call."""
+        blocks = self.check_model(model)
         for name, index, block in blocks:
             block.cache = BlockCache(self, name, index)
         try:

@@ -127,30 +127,6 @@ def gather_sequence(x: torch.Tensor, dim: int, comm: CommGroup, length: int) -> 
     return _Gather.apply(x, dim, comm, length)
 
 
-def _all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: CommGroup) -> torch.Tensor:
-    if x.shape[scatter_dim] % comm.size:
-        raise ValueError(
-            f"all-to-all over {comm.size} ranks needs dimension {scatter_dim} of {tuple(x.shape)} to divide evenly"
-        )
-    send = torch.stack(x.chunk(comm.size, dim=scatter_dim)).contiguous()
-    received = torch.empty_like(send)
-    comm.count("all_to_all", send)
-    dist.all_to_all_single(received, send, group=comm.group)
-    return torch.cat(received.unbind(0), dim=gather_dim)
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scatter_dim, gather_dim, comm):
-        ctx.dims, ctx.comm = (scatter_dim, gather_dim), comm
-        return _all_to_all(x, scatter_dim, gather_dim, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _all_to_all(grad, gather_dim, scatter_dim, ctx.comm), None, None, None
-
-
 def _switch_split(x: torch.Tensor, scatter_dim: int, gather_dim: int, gather_length: int, comm: CommGroup):
     n, length, local = comm.size, x.shape[scatter_dim], x.shape[gather_dim]
     chunk = chunk_length(length, n)
@@ -213,10 +189,14 @@ def switch_split(x: torch.Tensor, scatter_dim: int, gather_dim: int, gather_leng
 
 def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, comm: CommGroup) -> torch.Tensor:
     """Split `x` along `scatter_dim` (which must divide evenly), send chunk i to rank i, and
-    concatenate what arrives along `gather_dim` in rank order: switches which dimension is sharded."""
+    concatenate what arrives along `gather_dim` in rank order (Ulysses): `switch_split` with no padding."""
     if comm.size == 1:
         return x
-    return _AllToAll.apply(x, scatter_dim, gather_dim, comm)
+    if x.shape[scatter_dim] % comm.size:
+        raise ValueError(
+            f"all-to-all over {comm.size} ranks needs dimension {scatter_dim} of {tuple(x.shape)} to divide evenly"
+        )
+    return switch_split(x, scatter_dim, gather_dim, x.shape[gather_dim] * comm.size, comm)
 
 
 def all_gather_batch(x: torch.Tensor, comm: CommGroup) -> torch.Tensor:

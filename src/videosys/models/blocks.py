@@ -181,11 +181,14 @@ class RMSNorm(nn.Module):
 class HeadLayerNorm(nn.LayerNorm):
     """LayerNorm of each head's q or k that keeps its input's dtype. CUDA autocast runs LayerNorm in
     fp32 and returns fp32, which doubles the traffic of the rotary embedding after it and hands the
-    attention fp32 inputs; the kernel accumulates in fp32 either way."""
+    attention fp32 inputs; the kernel accumulates in fp32 either way. The gains are cast to x's dtype, as
+    autocast casts a Linear's weight: CUDA's LayerNorm takes no fp32 gains with bf16 input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 def qk_norm_layer(kind: str | None, head_dim: int, eps: float) -> nn.Module:

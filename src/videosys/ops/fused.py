@@ -956,17 +956,13 @@ def norm_blocks(params: PassLaunch, channels: int, group_len: int) -> _Blocks:
     return _Blocks(block_m, head, tail, chunked, _num_warps(params, block_m * head), params.num_stages)
 
 
+@functools.cache  # launch plans are recomputed for every call otherwise: host time that sampling waits on
 def _splits(
-    group_len: int, n_groups: int, n_col_blocks: int, blocks: _Blocks, params: PassLaunch, device
+    group_len: int, n_groups: int, n_col_blocks: int, blocks: _Blocks, params: PassLaunch, device: torch.device
 ) -> tuple[int, int]:
     """(n_splits, rows_per_split): each group's rows are cut into splits of whole BLOCK_M tiles, enough that
     the grid has about programs_per_sm programs per SM, at least one tile each."""
-    return _cached_splits(group_len, n_groups, n_col_blocks, blocks, params, device.type, device.index)
-
-
-@functools.cache  # launch plans are recomputed for every call otherwise: host time that sampling waits on
-def _cached_splits(group_len, n_groups, n_col_blocks, blocks: _Blocks, params: PassLaunch, device_type, index):
-    programs = params.programs_per_sm * _sm_count(device_type, index)
+    programs = params.programs_per_sm * _sm_count(device.type, device.index)
     want = min(triton.cdiv(programs, n_groups * n_col_blocks), 65535)  # a grid's second dim is < 2^16
     splits = max(1, min(triton.cdiv(group_len, blocks.block_m), want))
     rows_per_split = triton.cdiv(triton.cdiv(group_len, splits), blocks.block_m) * blocks.block_m

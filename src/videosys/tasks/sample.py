@@ -92,6 +92,8 @@ def sample(
             model_cfg, spec, vae, text_geometry(conditioner, spec) if entry.is_video else None, sampling
         )
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision, training=False)
+    if cache is not None:
+        cache.check_model(model)  # before loading weights and sampling
     if meta is not None:
         load_checkpoint_weights(model, path, task.use_ema)
         log.info("sampling from %s (step %d, %s weights)", path, meta["step"], "EMA" if task.use_ema else "raw")

@@ -291,6 +291,8 @@ def train(
     codec = make_codec(vae, device, video=spec.num_frames is not None) if spec.space == "pixel" else None
 
     model = prepare_model(model_cfg, ctx, parallel, kernels, precision, task.activation_checkpointing)
+    if cache is not None:
+        cache.check_model(model)  # before training: a policy the model cannot serve would fail at sampling
     if meta is None:
         load_external_weights(model, model_cfg)
     sharding = shard_parameters(model, dist, parallel)  # after the weights exist: every rank holds the same
