@@ -79,16 +79,23 @@ from videosys.cache import (  # noqa: E402
     format_counts,
     model_kinds,
 )
-from videosys.diffusion import DiffusionConfig, SamplingConfig, denoise_loop, guided, make_sampler  # noqa: E402
+from videosys.diffusion import (  # noqa: E402
+    DiffusionConfig,
+    SamplingConfig,
+    denoise_loop,
+    guided,
+    make_sampler,
+    step_graphs,
+)
 from videosys.distributed import ParallelConfig, init_distributed, shutdown_distributed  # noqa: E402
 from videosys.errors import ConfigError  # noqa: E402
 from videosys.models.cogvideox import CogVideoX, CogVideoXConfig  # noqa: E402
 from videosys.models.latte import Latte, LatteConfig  # noqa: E402
 from videosys.models.opensora import OpenSora, OpenSoraConfig  # noqa: E402
 from videosys.parallelize import cfg_parallel, parallelize  # noqa: E402
-from videosys.precision import PrecisionConfig, autocast  # noqa: E402
+from videosys.precision import PrecisionConfig  # noqa: E402
 from videosys.run import compose_config, config_dir, to_run_config  # noqa: E402
-from videosys.tasks.common import attached, model_diffusion_defaults, pixel_area  # noqa: E402
+from videosys.tasks.common import attached, denoiser, model_diffusion_defaults, pixel_area  # noqa: E402
 
 MODELS = ("opensora", "latte", "cogvideox")
 SMOKE_STEPS = 6
@@ -257,46 +264,64 @@ def build_model(case: Case, ctx, kernels, precision: PrecisionConfig) -> torch.n
 
 
 def run_once(model, case: Case, cfg: PABConfig, ctx, kernels, precision: PrecisionConfig, args) -> dict:
-    """One sampling call with policy `cfg`: what it took, and its final latents."""
+    """One sampling call with policy `cfg`: what it took, and its final latents. With --cuda-graphs, an untimed
+    first loop captures the step graphs (its time is reported as `capture_loop_s`), and the timed loop replays."""
     device = ctx.device
     cache = build_cache(cfg, compiled_blocks=kernels.compile, num_steps=case.steps)
     sampling = SamplingConfig(sampler=case.sampler, num_steps=case.steps, cfg_scale=args.cfg_scale, seed=args.seed)
     diffusion = DiffusionConfig().resolved(model_diffusion_defaults(model))
     shape = (model.in_channels, *model.config.input_size)
-    sampler = make_sampler(  # a fresh one per call: the multistep solvers keep state
-        sampling,
-        diffusion,
-        model.learn_sigma,
-        False,  # latents: no clipping
-        getattr(model, "default_sampler", None),
-        pixels=pixel_area(model.config),
-        frames=shape[1],
-    )
+
+    def new_sampler():  # a fresh one per loop: the multistep solvers keep state
+        return make_sampler(
+            sampling,
+            diffusion,
+            model.learn_sigma,
+            False,  # latents: no clipping
+            getattr(model, "default_sampler", None),
+            pixels=pixel_area(model.config),
+            frames=shape[1],
+        )
+
+    sampler = new_sampler()
     # Same text and noise on every rank and for every preset.
     text_generator = torch.Generator(device).manual_seed(args.seed + 1)
     text = torch.randn(BATCH, case.text_tokens, case.text_dim, generator=text_generator, device=device)
     text = text.to(precision.torch_dtype)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    noise = torch.randn((BATCH // 2, *shape), generator=generator, device=device)
-    run_guided = cfg_parallel(model, ctx)  # the [conditional; unconditional] halves on the cfg ranks, if any
+    noise = torch.randn((BATCH // 2, *shape), generator=torch.Generator(device).manual_seed(args.seed), device=device)
+    # The [conditional; unconditional] halves on the cfg ranks, if any; autocast entered per call.
+    run_guided = cfg_parallel(denoiser(model, precision, device), ctx)
 
-    def predict(x, t):
-        with autocast(precision, device):
-            out = run_guided(torch.cat([x, x]).to(precision.torch_dtype), torch.cat([t, t]), text, None).float()
-        return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
+    def predict_with(run):
+        def predict(x, t):
+            out = run(torch.cat([x, x]).to(precision.torch_dtype), torch.cat([t, t]), text, None).float()
+            return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
+
+        return predict
 
     with torch.no_grad():  # untimed: attention backend choice, allocator, clocks
         for _ in range(args.warmup):
-            predict(noise, torch.full((noise.shape[0],), sampler.timesteps[0], device=device))
+            predict_with(run_guided)(noise, torch.full((noise.shape[0],), sampler.timesteps[0], device=device))
     synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    barrier()
-    start = time.perf_counter()
-    with attached(cache, model):
-        latents = denoise_loop(predict, noise, sampler, generator, cache)
-    synchronize(device)
-    seconds = reduce_max(time.perf_counter() - start)
+    capture_s = None
+    with attached(cache, model), step_graphs(run_guided, cache, args.cuda_graphs) as run_model:
+        if args.cuda_graphs:
+            barrier()
+            start = time.perf_counter()
+            denoise_loop(predict_with(run_model), noise, new_sampler(), torch.Generator(device), cache)
+            synchronize(device)
+            capture_s = reduce_max(time.perf_counter() - start)
+            if cache is not None:  # report the timed loop's calls only
+                cache.computed.clear()
+                cache.reused.clear()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        barrier()
+        start = time.perf_counter()
+        generator = torch.Generator(device).manual_seed(args.seed)
+        latents = denoise_loop(predict_with(run_model), noise, sampler, generator, cache)
+        synchronize(device)
+        seconds = reduce_max(time.perf_counter() - start)
     report = cache.report() if cache is not None else {
         "pab_computed": {}, "pab_reused": {}, "pab_cache_mib": 0.0, "pab_attention_reused": 0.0,
     }  # fmt: skip
@@ -304,6 +329,7 @@ def run_once(model, case: Case, cfg: PABConfig, ctx, kernels, precision: Precisi
     return {
         "total_s": seconds,
         "ms_per_step": seconds / case.steps * 1e3,
+        "capture_loop_s": capture_s,
         "pab_computed": report["pab_computed"],
         "pab_reused": report["pab_reused"],
         "pab_cache_mib": reduce_max(report["pab_cache_mib"]),
@@ -360,21 +386,23 @@ def bench_model(case: Case, presets: list[str], ctx, kernels, precision, args, r
 def markdown(results: list[dict]) -> str:
     head = (
         "| model | pab | steps | total s | ms/step | speedup | computed | reused | attn reused | cache MiB "
-        "| peak GiB | rel diff vs off |"
+        "| peak GiB | rel diff vs off | capture loop s |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        capture = f"{r['capture_loop_s']:.2f}" if r.get("capture_loop_s") is not None else "-"
         lines.append(
             f"| {r['config']} | {r['pab']} | {r['steps']} | {r['total_s']:.2f} | {r['ms_per_step']:.1f} "
             f"| {r['speedup']:.2f} | {format_counts(r['pab_computed'])} | {format_counts(r['pab_reused'])} "
             f"| {r['pab_attention_reused']:.1%} | {r['pab_cache_mib']:.2f} | {peak} "
-            f"| {r['relative_difference']:.2e} |"
+            f"| {r['relative_difference']:.2e} | {capture} |"
         )
     lines.append("")
     lines.append(
         "computed / reused: calls per kind over the whole loop (s spatial, t temporal, f full 3D, c cross, m MLP); "
-        "attn reused: reused fraction of attention calls; rel diff: ||x - x_off|| / ||x_off|| of the final latents."
+        "attn reused: reused fraction of attention calls; rel diff: ||x - x_off|| / ||x_off|| of the final latents; "
+        "capture loop: the untimed first loop that captures the CUDA graphs (--cuda-graphs)."
     )
     return "\n".join(lines)
 
@@ -415,6 +443,11 @@ def main() -> None:
     parser.add_argument("--sp-mode", default="dsp", choices=SP_MODES)
     parser.add_argument("--cfg", type=int, default=1, choices=[1, 2], help="2: guidance halves on two ranks")
     parser.add_argument("--device", default="auto", help="auto | cuda | cpu (smoke: cpu)")
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="replay each kind of step from a CUDA graph (kernels.cuda_graphs): an untimed loop captures first",
+    )
     parser.add_argument("--smoke", action="store_true", help="CPU check: debug flavors, 6 steps, kernels=none")
     parser.add_argument("--out", default="bench_pab.json")
     args = parser.parse_args()
@@ -475,6 +508,7 @@ def main() -> None:
             "batch": BATCH,
             "cfg_scale": args.cfg_scale,
             "warmup": args.warmup,
+            "cuda_graphs": args.cuda_graphs,
             "smoke": args.smoke,
             "notes": notes,
         }

@@ -12,6 +12,7 @@ copies, other; NCCL time includes waiting for the other ranks); and the top kern
     torchrun --nproc_per_node=4 benchmarks/profile_sampling.py --model opensora --cfg 2 --sp 2
     python benchmarks/profile_sampling.py --model opensora --size 15,8,8   # host time: GPU work near zero
     python benchmarks/profile_sampling.py --model cogvideox --kernels none --iters 2
+    torchrun --nproc_per_node=4 benchmarks/profile_sampling.py --model opensora --sp 4 --cuda-graphs
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ import bench_pab  # noqa: E402
 from bench_video import BATCH  # noqa: E402
 from profile_dit import kernel_family  # noqa: E402
 
+from videosys.diffusion import StepGraphs  # noqa: E402
 from videosys.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from videosys.precision import PrecisionConfig, autocast  # noqa: E402
+from videosys.precision import PrecisionConfig  # noqa: E402
+from videosys.tasks.common import denoiser  # noqa: E402
 
 
 def main() -> None:
@@ -45,6 +48,7 @@ def main() -> None:
     parser.add_argument("--sp", type=int, default=1)
     parser.add_argument("--sp-mode", default="dsp", choices=bench_pab.SP_MODES)
     parser.add_argument("--cfg", type=int, default=1, choices=[1, 2])
+    parser.add_argument("--cuda-graphs", action="store_true", help="replay the forward from a CUDA graph")
     args = parser.parse_args()
 
     case = bench_pab.cases(False)[args.model]
@@ -61,11 +65,12 @@ def main() -> None:
     text = torch.randn(BATCH, case.text_tokens, case.text_dim, device=device).to(precision.torch_dtype)
     x = torch.randn((BATCH, *shape), device=device).to(precision.torch_dtype)
     t = torch.full((BATCH,), 500.0, device=device)
-    run = bench_pab.cfg_parallel(model, ctx)
+    run = bench_pab.cfg_parallel(denoiser(model, precision, device), ctx)
+    if args.cuda_graphs:
+        run = StepGraphs(run)  # the first call runs eagerly and captures, the later ones replay
 
     def forward():
-        with autocast(precision, device):
-            return run(x, t, text, None)
+        return run(x, t, text, None)
 
     for _ in range(2):  # attention choice, allocator
         forward()
@@ -87,7 +92,8 @@ def main() -> None:
             kernels_ms[event.name[:90]] += event.device_time / 1e3
     if ctx.is_main:
         print(
-            f"{args.model} {case.config.input_size} kernels={args.kernels}, world {ctx.world_size} "
+            f"{args.model} {case.config.input_size} kernels={args.kernels}, graphs {args.cuda_graphs}, "
+            f"world {ctx.world_size} "
             f"(cfg {args.cfg} x sp {args.sp} {args.sp_mode}): wall {wall:.1f} ms/forward, host {host:.1f} ms, "
             f"GPU busy {sum(families.values()):.1f} ms: " + ", ".join(f"{k} {v:.1f}" for k, v in families.most_common())
         )

@@ -23,6 +23,12 @@ What is stored is the block's raw branch output, before its gate: a reused atten
 gated with the current step's gate, exactly as a fresh output would be. Stored tensors are this rank's
 batch and token shard, so every sample of a batch (and each half of a CFG-parallel pair, on its own
 rank) keeps its own entries.
+
+Replayed CUDA graphs (videosys.diffusion.graphs) use the policy too: a step's work depends only on which
+kinds it reuses (`step_key`), so one graph per key serves every step with that key. For that the stored
+outputs stay in place (`keep_in_place`: a computed output is copied into its entry's buffer, so the
+addresses a graph reads stay valid), and the calls a capture makes are recorded rather than counted
+(`recording`), then counted once per replay (`count`).
 """
 
 from __future__ import annotations
@@ -182,6 +188,9 @@ class PyramidAttentionBroadcast:
         self._step: int | None = None
         self._stored: dict[tuple[str, str], torch.Tensor] = {}
         self._stored_bytes = 0
+        self._model_kinds = set(KINDS)  # the kinds the attached model makes (step keys name only those)
+        self._in_place = False  # copy computed outputs into fixed buffers (for CUDA graphs)
+        self._recording: tuple[Counter[str], Counter[str]] | None = None  # counts of a capture, not counted
 
     # --- attaching to a model ---------------------------------------------------------------------
 
@@ -216,11 +225,13 @@ class PyramidAttentionBroadcast:
         blocks = self.check_model(model)
         for name, index, block in blocks:
             block.cache = BlockCache(self, name, index)
+        self._model_kinds = model_kinds(model)
         try:
             yield
         finally:
             for _, _, block in blocks:
                 block.cache = None
+            self._model_kinds = set(KINDS)
             self.finish()
 
     # --- the denoising loop -----------------------------------------------------------------------
@@ -230,19 +241,60 @@ class PyramidAttentionBroadcast:
         an earlier loop stored."""
         self._plans = {kind: compute_plan(kind, rule, timesteps) for kind, rule in self.rules.items()}
         self._reused_kinds = {kind for kind, plan in self._plans.items() if not all(plan)}
-        self._stored.clear()
-        self._stored_bytes = 0
+        if not self._in_place:
+            self._drop_stored()
         self._step = None
 
     def at_step(self, i: int) -> None:
         self._step = i
 
     def finish(self) -> None:
-        """The loop is over: free what it stored."""
-        self._stored.clear()
-        self._stored_bytes = 0
+        """The loop is over: free what it stored (kept while outputs are kept in place: graphs read them)."""
+        if not self._in_place:
+            self._drop_stored()
         self._plans = None
         self._step = None
+
+    def _drop_stored(self) -> None:
+        self._stored.clear()
+        self._stored_bytes = 0
+
+    # --- CUDA graphs (videosys.diffusion.graphs) --------------------------------------------------
+
+    def step_key(self) -> tuple[str, ...]:
+        """The kinds of the attached model that the current step reuses. A step's calls depend on nothing
+        else: every kind is computed at a window's first step and before it, so a reused entry always holds
+        this loop's output."""
+        if self._plans is None or self._step is None:
+            raise RuntimeError("step_key() outside a denoising loop (call begin() and at_step() first)")
+        reused = (k for k in KINDS if k in self._model_kinds and not self._plans[k][self._step])
+        return tuple(k for k in reused if k != "mlp" or self.mlp_blocks)
+
+    @contextlib.contextmanager
+    def keep_in_place(self) -> Iterator[None]:
+        """While inside: computed outputs are copied into fixed per-entry buffers that outlive each loop,
+        so that captured graphs read and write the same memory on every replay. Leaving frees them."""
+        self._in_place = True
+        try:
+            yield
+        finally:
+            self._in_place = False
+            self._drop_stored()
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[tuple[Counter[str], Counter[str]]]:
+        """Calls made inside (a graph capture: nothing runs yet) go to the yielded (computed, reused)
+        counters instead of the run's; `count` adds them when the graph runs."""
+        self._recording = (Counter(), Counter())
+        try:
+            yield self._recording
+        finally:
+            self._recording = None
+
+    def count(self, calls: tuple[Counter[str], Counter[str]]) -> None:
+        computed, reused = calls
+        self.computed.update(computed)
+        self.reused.update(reused)
 
     # --- the blocks -------------------------------------------------------------------------------
 
@@ -252,17 +304,25 @@ class PyramidAttentionBroadcast:
         if kind == "mlp" and block.index not in self.mlp_blocks:
             return compute()  # not a listed block: not counted, never stored
         key = (block.name, kind)
+        computed, reused = self._recording or (self.computed, self.reused)
         if self._plans[kind][self._step] or key not in self._stored:
             out = compute()
             if kind in self._reused_kinds:
-                replaced = self._stored.get(key)
-                self._stored_bytes += _nbytes(out) - (_nbytes(replaced) if replaced is not None else 0)
-                self._stored[key] = out
-                self.peak_bytes = max(self.peak_bytes, self._stored_bytes)
-            self.computed[kind] += 1
+                self._store(key, out)
+            computed[kind] += 1
             return out
-        self.reused[kind] += 1
+        reused[kind] += 1
         return self._stored[key]
+
+    def _store(self, key: tuple[str, str], out: torch.Tensor) -> None:
+        replaced = self._stored.get(key)
+        if self._in_place and replaced is not None and replaced.shape == out.shape and replaced.dtype == out.dtype:
+            replaced.copy_(out)
+            return
+        # In place, the first store takes a copy: `out` may be a view of memory the model reuses.
+        self._stored[key] = out.clone() if self._in_place else out
+        self._stored_bytes += _nbytes(out) - (_nbytes(replaced) if replaced is not None else 0)
+        self.peak_bytes = max(self.peak_bytes, self._stored_bytes)
 
     def stored_bytes(self) -> int:
         return self._stored_bytes

@@ -3,6 +3,7 @@
 from videosys.diffusion.draws import SampleDraws
 from videosys.diffusion.flow import RectifiedFlow
 from videosys.diffusion.gaussian import DiffusionConfig, GaussianDiffusion
+from videosys.diffusion.graphs import StepGraphs, step_graphs
 from videosys.diffusion.sampling import (
     Sampler,
     SamplingConfig,
@@ -19,8 +20,10 @@ __all__ = [
     "SampleDraws",
     "Sampler",
     "SamplingConfig",
+    "StepGraphs",
     "denoise_loop",
     "guided",
     "make_sampler",
     "sample_class_conditional",
+    "step_graphs",
 ]

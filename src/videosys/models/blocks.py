@@ -29,6 +29,16 @@ def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])
 
 
+def cached_table(module: nn.Module, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A table that `module` derives from shapes alone (positions for a token grid), made once per key and
+    kept on the module. Made per forward, a table built on the host costs a host-to-device copy every
+    step, which a CUDA graph cannot even capture."""
+    tables = vars(module).setdefault("_derived_tables", {})
+    if key not in tables:
+        tables[key] = make()
+    return tables[key]
+
+
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """Fixed sin/cos embedding of positions: (n,) -> (n, dim), computed in float64."""
     if dim % 2:

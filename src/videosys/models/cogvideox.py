@@ -54,6 +54,7 @@ from videosys.models.blocks import (
     Rotary,
     TimestepEmbedder,
     cached,
+    cached_table,
     rotary_tables,
     sincos_1d,
     sincos_2d,
@@ -453,7 +454,9 @@ class CogVideoX(nn.Module):
             if cfg.sincos_pos_embed and grid == self.grid:
                 table = self.pos_embed
             else:
-                table = self._sincos(*grid).to(x.device)[None]
+                table = cached_table(
+                    self, ("positions", *grid, x.device), lambda: self._sincos(*grid).to(x.device)[None]
+                )
             x = x + table.to(x.dtype)
         return x, context
 

@@ -45,6 +45,7 @@ from videosys.models.blocks import (
     Mlp,
     PatchEmbed3D,
     TimestepEmbedder,
+    cached_table,
     sincos_1d,
     sincos_2d,
     unpatchify_video,
@@ -251,8 +252,12 @@ class Latte(nn.Module):
         another resolution."""
         if (grid_h, grid_w) == self.grid:
             return self.pos_embed
-        table = spatial_pos_table(like.shape[-1], grid_h, grid_w, self.config.sample_size, self.patch_size)
-        return table.to(device=like.device, dtype=torch.float32).view(1, 1, grid_h * grid_w, -1)
+
+        def make():
+            table = spatial_pos_table(like.shape[-1], grid_h, grid_w, self.config.sample_size, self.patch_size)
+            return table.to(device=like.device, dtype=torch.float32).view(1, 1, grid_h * grid_w, -1)
+
+        return cached_table(self, ("positions", grid_h, grid_w, like.device), make)
 
     def forward(
         self,

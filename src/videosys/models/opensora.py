@@ -33,6 +33,7 @@ from videosys.models.blocks import (
     RMSNorm,
     Rotary,
     TimestepEmbedder,
+    cached_table,
     sincos_2d,
     unpatchify_video,
     xavier_init,
@@ -242,7 +243,11 @@ class OpenSora(nn.Module):
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         height = float(height if height is not None else rows * self.config.vae_downsample)
         width = float(width if width is not None else cols * self.config.vae_downsample)
-        pos = self.position_embedding(grid[1], grid[2], height, width).to(x.device)
+        pos = cached_table(
+            self,
+            ("positions", grid[1], grid[2], height, width, x.device),
+            lambda: self.position_embedding(grid[1], grid[2], height, width).to(x.device),
+        )
 
         if fps is None:
             fps = self.config.fps

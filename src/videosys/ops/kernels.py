@@ -37,6 +37,8 @@ class KernelsConfig:
     fused_gate_residual: bool = False  # x + gate * h
     compile: bool = False  # torch.compile each transformer block (regional compilation)
     compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | ...
+    # Sampling (task=sample) replays each distinct denoising step's model call from a CUDA graph.
+    cuda_graphs: bool = False
 
     @property
     def fused_switches(self) -> list[str]:
@@ -139,6 +141,7 @@ def _fused():
 
 def build_block_ops(kernels: KernelsConfig, device: torch.device) -> BlockOps:
     """The block ops `kernels` asks for; Triton kernels need a GPU (or the Triton interpreter)."""
+    check_cuda_graphs(kernels, device)
     switches = kernels.fused_switches
     if switches:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -152,3 +155,18 @@ def build_block_ops(kernels: KernelsConfig, device: torch.device) -> BlockOps:
         except ImportError as err:
             raise ConfigError(f"kernels.{switches[0]}=true: {err}") from err
     return BlockOps(kernels.fused_modulate, kernels.fused_norm, kernels.fused_gate_residual)
+
+
+def check_cuda_graphs(kernels: KernelsConfig, device: torch.device) -> None:
+    if not kernels.cuda_graphs:
+        return
+    if device.type != "cuda":
+        raise ConfigError(
+            f"kernels.cuda_graphs=true replays sampling steps from CUDA graphs, which needs a CUDA GPU (this run "
+            f"is on {device.type}); set kernels.cuda_graphs=false"
+        )
+    if "reduce-overhead" in kernels.compile_mode and kernels.compile:
+        raise ConfigError(
+            f"kernels.compile_mode={kernels.compile_mode} captures CUDA graphs of its own, which cannot nest in "
+            "kernels.cuda_graphs=true; use kernels.compile_mode=default or kernels.cuda_graphs=false"
+        )

@@ -24,6 +24,7 @@ from videosys.diffusion import (
     guided,
     make_sampler,
     sample_class_conditional,
+    step_graphs,
 )
 from videosys.distributed import DistContext, ParallelConfig
 from videosys.encoders import (
@@ -231,9 +232,12 @@ class EMA:
 
 
 def denoiser(model: nn.Module, precision: PrecisionConfig, device: torch.device):
-    def run(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The model under the run's autocast. The autocast is entered per call, so a CUDA-graph capture of the
+    call makes its own weight casts rather than reading ones cached (and freed) outside the graph."""
+
+    def run(x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         with autocast(precision, device):
-            return model(x, t, y)
+            return model(x, t, *args, **kwargs)
 
     return run
 
@@ -247,6 +251,7 @@ def generate_class_samples(
     dist: DistContext,
     codec: LatentCodec | None,
     cache=None,
+    cuda_graphs: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Sample `num_per_class` images of each requested class; returns images in [-1, 1] (decoded
     through the VAE when there is one), their labels, and the raw model-space samples.
@@ -267,9 +272,9 @@ def generate_class_samples(
     generator = torch.Generator(device).manual_seed(sampling.seed)
     shape = (model.in_channels, model.input_size, model.input_size)
     model.eval()
-    run = cfg_parallel(denoiser(model, precision, device), dist)
     chunks = []
-    with attached(cache, model):
+    run_model = cfg_parallel(denoiser(model, precision, device), dist)
+    with attached(cache, model), step_graphs(run_model, cache, cuda_graphs) as run:
         for chunk in labels.split(sampling.batch_size):
             sampler = make_sampler(sampling, diffusion, model.learn_sigma, clip)
             chunks.append(
@@ -304,12 +309,25 @@ def write_samples(samples: dict[str, torch.Tensor], sampling: SamplingConfig, ru
 
 
 def sample_and_score(
-    model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int, conditioning=None
+    model,
+    dataset,
+    sampling,
+    diffusion_cfg,
+    precision,
+    ctx: RunContext,
+    codec,
+    cache,
+    step: int,
+    conditioning=None,
+    cuda_graphs: bool = False,
 ) -> dict:
     """Guided samples of every requested class (or prompt), written out, and scored when the dataset can.
-    Collective: every rank generates; rank 0 writes, scores and returns the metrics."""
+    Collective: every rank generates; rank 0 writes, scores and returns the metrics. `cuda_graphs`: replay
+    the model calls from CUDA graphs (videosys.diffusion.graphs)."""
     started = time.perf_counter()
-    out = _sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step, conditioning)
+    out = _sample_and_score(
+        model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, step, conditioning, cuda_graphs
+    )
     if cache is not None:
         cache.log_report()
         if ctx.dist.is_main:
@@ -320,13 +338,13 @@ def sample_and_score(
 
 
 def _sample_and_score(
-    model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int, conditioning
+    model, dataset, sampling, diffusion_cfg, precision, ctx: RunContext, codec, cache, step: int, conditioning, graphs
 ) -> dict:
     evaluator = getattr(dataset, "evaluator", None)
     if isinstance(conditioning, TextConditioning):
         prompts = resolve_prompts(sampling, dataset)
         samples = generate_text_samples(
-            model, conditioning, prompts, sampling, diffusion_cfg, precision, ctx, codec, cache
+            model, conditioning, prompts, sampling, diffusion_cfg, precision, ctx, codec, cache, graphs
         )
         if not ctx.dist.is_main:
             return {}
@@ -341,7 +359,7 @@ def _sample_and_score(
                     out[key] = float(getattr(evaluator, key))
             log.info("scores of generated samples: %s", ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         return out
-    samples = generate_class_samples(model, sampling, diffusion_cfg, precision, ctx.dist, codec, cache)
+    samples = generate_class_samples(model, sampling, diffusion_cfg, precision, ctx.dist, codec, cache, graphs)
     if not ctx.dist.is_main:
         return {}
     grid, tensors = write_samples(samples, sampling, ctx.run_dir)
@@ -464,6 +482,7 @@ def generate_text_samples(
     ctx: RunContext,
     codec,
     cache=None,
+    cuda_graphs: bool = False,
 ) -> dict:
     """`num_per_prompt` clips per prompt; returns videos in [-1, 1] (decoded through the VAE), the
     prompt of each clip, and the raw model-space samples."""
@@ -473,10 +492,11 @@ def generate_text_samples(
     clip = sampling.clip_denoised if sampling.clip_denoised is not None else codec is None
     generator = torch.Generator(device).manual_seed(sampling.seed)
     guided_run = sampling.cfg_scale != 1.0
-    run_guided = cfg_parallel(model, ctx.dist)  # the [conditional; unconditional] halves on the cfg ranks
     model.eval()
     chunks = []
-    with attached(cache, model):
+    # The [conditional; unconditional] halves on the cfg ranks; one CUDA graph per kind of step if asked.
+    guided_model = cfg_parallel(denoiser(model, precision, device), ctx.dist)
+    with attached(cache, model), step_graphs(guided_model, cache, cuda_graphs) as run_model:
         for start in range(0, len(all_prompts), sampling.batch_size):
             chunk = all_prompts[start : start + sampling.batch_size]
             sampler = make_sampler(
@@ -492,10 +512,9 @@ def generate_text_samples(
             noise = torch.randn((len(chunk), *shape), generator=generator, device=device)
 
             def predict(x, t, inputs=inputs, sampler=sampler):
-                with autocast(precision, device):
-                    if not guided_run:
-                        return model(x, t, **inputs)
-                    out = run_guided(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
+                if not guided_run:  # (cfg-parallel runs refuse cfg_scale=1)
+                    return run_model(x, t, **inputs)
+                out = run_model(torch.cat([x, x]), torch.cat([t, t]), **inputs).float()
                 return guided(out, shape[0], sampling.cfg_scale, sampler.wants_variance)
 
             chunks.append(denoise_loop(predict, noise, sampler, generator, cache))

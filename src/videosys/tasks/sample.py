@@ -66,6 +66,14 @@ def sample(
             f"{ctx.dist.dims.cfg} ranks, but sampling.cfg_scale=1.0 has no unconditional half; set "
             "sampling.cfg_scale above 1 or use a preset without cfg"
         )
+    dims = ctx.dist.dims
+    if kernels.cuda_graphs and dims.sp > 1 and dims.sp_mode != "dsp":
+        # Verified bit-exact in graphs: one process, CFG parallel and DSP. Ulysses with padded lengths moves
+        # a host-made index per call, and Ring exchanges point to point; neither is captured yet.
+        raise ConfigError(
+            f"kernels.cuda_graphs=true replays sampling steps with sequence parallelism dsp only, not "
+            f"parallel.sp_mode={dims.sp_mode}; use a dsp preset, or kernels.cuda_graphs=false"
+        )
     cache = build_cache(pab, compiled_blocks=kernels.compile, num_steps=sampling.num_steps)
     text_encoder = text_encoder or TextEncoderConfig()
     dataset, spec = sample_data(data_cfg, model_entry(model_cfg.name).is_video)
@@ -117,7 +125,19 @@ def sample(
     metrics = {"model_config": dataclasses.asdict(model_cfg)}
     # Every rank samples (the model splits its work over them); rank 0 writes.
     metrics.update(
-        sample_and_score(model, dataset, sampling, diffusion_cfg, precision, ctx, codec, cache, 0, conditioning)
+        sample_and_score(
+            model,
+            dataset,
+            sampling,
+            diffusion_cfg,
+            precision,
+            ctx,
+            codec,
+            cache,
+            0,
+            conditioning,
+            cuda_graphs=kernels.cuda_graphs,
+        )
     )
     if ctx.dist.is_main:
         (ctx.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -279,6 +279,8 @@ def train(
         )
     check_offload(parallel, dist)
     cache = build_cache(pab, compiled_blocks=kernels.compile, num_steps=sampling.num_steps)
+    if kernels.cuda_graphs:  # the closing sample runs the sharded training model, whose hooks graphs cannot hold
+        log.info("kernels.cuda_graphs=true applies to task=sample; training and its closing sample run eagerly")
     dataset, spec = build_dataset(data_cfg)
     is_video = model_entry(model_cfg.name).is_video
     conditioner = make_text_conditioner(text_encoder or TextEncoderConfig(), spec, device) if is_video else None
