@@ -4,6 +4,7 @@ fixed addresses, capture calls counted once per replay."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,21 +99,37 @@ def test_recorded_calls_are_counted_only_when_added():
 # --- on a GPU ------------------------------------------------------------------------------------------
 
 SAMPLE = ["task=sample", "sampling.num_steps=10", "sampling.num_frames=4", "sampling.height=16"]
-SAMPLE += ["sampling.width=24", "sampling.prompts=['a cat on a boat','a red car']", "precision=bf16"]
+SAMPLE += ["sampling.width=24", "precision=bf16"]
+TWO_PROMPTS = "sampling.prompts=['a cat on a boat','a red car']"
+
+
+def _graph_counts(text: str) -> tuple[int, int]:
+    """(captured, replays) summed over the run's "CUDA graphs: ..." log lines."""
+    found = re.findall(r"CUDA graphs: (\d+) captured, (\d+) replays", text)
+    return sum(int(c) for c, _ in found), sum(int(r) for _, r in found)
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        pytest.param(["model=opensora", "pab=opensora"], marks=gpu, id="opensora-pab"),
-        pytest.param(["model=opensora", "pab=off"], marks=gpu, id="opensora-off"),
-        pytest.param(["model=latte", "pab=fast", "kernels=fused"], marks=gpu, id="latte-fast-fused"),
-        pytest.param(["model=cogvideox", "pab=cogvideox"], marks=gpu, id="cogvideox-pab"),
+        pytest.param(["model=opensora", "pab=opensora", TWO_PROMPTS], marks=gpu, id="opensora-pab"),
+        pytest.param(["model=opensora", "pab=off", TWO_PROMPTS], marks=gpu, id="opensora-off"),
+        pytest.param(["model=latte", "pab=fast", "kernels=fused", TWO_PROMPTS], marks=gpu, id="latte-fast-fused"),
+        pytest.param(["model=cogvideox", "pab=cogvideox", TWO_PROMPTS], marks=gpu, id="cogvideox-pab"),
+        # Batches of 2 then 1 prompt: the second batch's new shapes drop the graphs and capture again.
+        pytest.param(
+            ["model=opensora", "pab=opensora", "sampling.prompts=['a','b','c']", "sampling.batch_size=2"],
+            marks=gpu,
+            id="opensora-pab-two-batch-sizes",
+        ),
     ],
 )
-def test_graphed_sampling_equals_eager_sampling(tmp_path, overrides):
+def test_graphed_sampling_equals_eager_sampling(tmp_path, caplog, overrides):
     eager = run_inprocess([*SAMPLE, *overrides], tmp_path / "eager", device="cuda")
-    graphed = run_inprocess([*SAMPLE, *overrides, "kernels.cuda_graphs=true"], tmp_path / "graphed", device="cuda")
+    with caplog.at_level("INFO"):
+        graphed = run_inprocess([*SAMPLE, *overrides, "kernels.cuda_graphs=true"], tmp_path / "graphed", device="cuda")
+    captured, replays = _graph_counts(caplog.text)
+    assert captured >= 1 and replays >= 10 - captured  # most steps replayed a graph
     # The same kernels on the same inputs: bit for bit.
     latents = [torch.load(m["samples_pt"], weights_only=False)["latents"] for m in (eager, graphed)]
     assert torch.isfinite(latents[0]).all() and torch.equal(latents[0], latents[1])
@@ -121,9 +138,13 @@ def test_graphed_sampling_equals_eager_sampling(tmp_path, overrides):
 
 
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=gpu)])
-def test_graphed_class_sampling_equals_eager(tmp_path, device):
-    common = ["task=sample", "sampling.num_steps=5", "sampling.num_per_class=2", "precision=bf16"]
+def test_graphed_class_sampling_equals_eager(tmp_path, caplog, device):
+    # 20 samples in batches of 8, 8 and 4: one graph for the first two, captured again for the last.
+    common = ["task=sample", "sampling.num_steps=5", "sampling.num_per_class=2", "sampling.batch_size=8"]
+    common += ["precision=bf16"]
     eager = run_inprocess(common, tmp_path / "eager", device=device)
-    graphed = run_inprocess([*common, "kernels.cuda_graphs=true"], tmp_path / "graphed", device=device)
+    with caplog.at_level("INFO"):
+        graphed = run_inprocess([*common, "kernels.cuda_graphs=true"], tmp_path / "graphed", device=device)
+    assert _graph_counts(caplog.text) == (2, 3 * 5 - 2)
     images = [torch.load(m["samples_pt"], weights_only=True)["latents"] for m in (eager, graphed)]
     assert torch.equal(images[0], images[1])
