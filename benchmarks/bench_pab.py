@@ -30,7 +30,8 @@ Under torchrun, `--sp N` runs the models sequence parallel over N ranks (`--sp-m
 2 x N/2, the degrees benchmarks/bench_parallel.py uses) through the project's `init_distributed` and
 `parallelize`, and `--cfg 2` puts the guidance halves on two ranks (`cfg_parallel`, as sampling does); the
 world size must be cfg x sp. Every rank runs; times, cache sizes and peak memory are the maximum over ranks;
-rank 0 prints and writes. A model with no plan for `--sp-mode` (CogVideoX, today) is skipped with a note.
+rank 0 prints and writes. A model with no plan for `--sp-mode` is skipped with a note: CogVideoX (full attention over
+joint text and video tokens) has Ulysses only, as DSP does not apply to full attention.
 
 PAB decides per step, in Python, which calls run, so it refuses compiled blocks (`kernels.compile=true`, the
 `compile` and `fused_compile` presets) with a ConfigError; `--kernels` defaults to `fused`.
@@ -44,6 +45,7 @@ Four GPUs, DSP over 4 ranks (Open-Sora and Latte; CogVideoX is skipped), and CFG
 
     torchrun --nproc_per_node=4 benchmarks/bench_pab.py --sp 4 --only opensora,latte --out bench_pab_sp4.json
     torchrun --nproc_per_node=4 benchmarks/bench_pab.py --cfg 2 --sp 2 --only opensora,latte --out pab_cfg2_sp2.json
+    torchrun --nproc_per_node=4 benchmarks/bench_pab.py --sp 4 --sp-mode ulysses --only cogvideox --out pab_cog_u4.json
 
 CPU smoke test (debug flavors, 6 steps, kernels=none; checks that PAB reuses, that a second pab=off run matches
 the first exactly and that every difference is finite):

@@ -289,6 +289,7 @@ PARALLEL_CASES = [
     ("opensora", dict(sp_ulysses=2, sp_mode="dsp")),
     ("latte", dict(sp_ulysses=2, sp_mode="ulysses")),
     ("opensora_plan", dict(sp_ring=2, sp_mode="ring")),
+    ("cogvideox", dict(sp_ulysses=2, sp_mode="ulysses")),
     ("latte", dict(cfg=2)),
 ]
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from multiprocess import run_ranks
 from videosys.distributed import CommCounter, ParallelConfig, init_distributed
 from videosys.errors import ConfigError
+from videosys.models.cogvideox import CogVideoX, CogVideoXConfig
 from videosys.models.dit import DiT, DiTConfig
 from videosys.models.latte import Latte, LatteConfig
 from videosys.models.opensora import OpenSora, OpenSoraConfig
@@ -38,10 +39,11 @@ def build(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) ->
             "latte": (Latte, LatteConfig),
             "opensora": (OpenSora, OpenSoraConfig),
             "opensora_plan": (OpenSoraPlan, OpenSoraPlanConfig),
+            "cogvideox": (CogVideoX, CogVideoXConfig),
         }[name]
         fields = {"input_size": VIDEO, "in_channels": 4, **TEXT}
         fields = {k: v for k, v in fields.items() if k in cfg.__dataclass_fields__}
-        if name == "opensora_plan":
+        if name in ("opensora_plan", "cogvideox"):
             fields["max_text_length"] = 5
         model = cls(cfg(flavor="debug", **fields))
         mask = torch.tensor([[True, True, True, False, False], [True] * 5])
@@ -137,6 +139,7 @@ SP_CASES = {
             "latte": ("dsp", "ulysses", "ring"),
             "opensora": ("dsp", "ulysses", "ring"),
             "opensora_plan": ("ulysses", "ring"),
+            "cogvideox": ("ulysses",),
         }.items()
         for mode in modes
     ],
@@ -150,6 +153,7 @@ SP_CASES = {
         ("opensora", "usp", 2, 2),
         ("opensora_plan", "ring", 1, 4),
         ("opensora_plan", "usp", 2, 2),
+        ("cogvideox", "ulysses", 4, 1),
     ],
 }
 

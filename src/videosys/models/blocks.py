@@ -343,11 +343,14 @@ class LocalSequence:
     """A model's sequence hooks in one process: nothing is split. `videosys.parallelize` replaces it
     with a sequence-parallel plan that keeps one chunk of axis `dim` per rank between the two."""
 
-    def scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def scatter(self, x: torch.Tensor, dim: int, name: str | None = None) -> torch.Tensor:
         return x
 
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, dim: int, name: str | None = None) -> torch.Tensor:
         return x
+
+    def local_rotary(self, rope: Rotary, dim: int) -> Rotary:
+        return rope
 
 
 class Mlp(nn.Module):

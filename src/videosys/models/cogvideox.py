@@ -49,6 +49,7 @@ from torch import nn
 from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models.blocks import (
     Attention,
+    LocalSequence,
     Mlp,
     PatchEmbed3D,
     Rotary,
@@ -341,8 +342,8 @@ class CogVideoXFinalLayer(nn.Module):
 
 class CogVideoX(nn.Module):
     block_lists = ("blocks",)  # the transformer block lists that parallel plans and checkpointing wrap
-    sequence_parallel_modes = ()
-    token_layout = "joint"  # what `videosys.parallelize` splits
+    sequence_parallel_modes = ("ulysses",)
+    token_layout = "joint"  # what `videosys.parallelize` splits: video and text tokens, each along its sequence
     learn_sigma = False
     prediction_type = "v_prediction"
 
@@ -375,6 +376,7 @@ class CogVideoX(nn.Module):
         self.input_size = tuple(cfg.input_size)
         dim, p = cfg.hidden_size, cfg.patch_size
         self.grid = (cfg.input_size[0], cfg.input_size[1] // p, cfg.input_size[2] // p)  # token grid of input_size
+        self.sequence = LocalSequence()  # sequence-parallel hooks, set by videosys.parallelize
 
         self.x_embedder = PatchEmbed3D((1, p, p), cfg.in_channels, dim)
         self.text_embedder = nn.Linear(cfg.caption_channels, dim)
@@ -487,10 +489,15 @@ class CogVideoX(nn.Module):
         h = self.x_embedder(x).flatten(1, 2)  # (B, T * H/p * W/p, C), row-major over (frame, row, column)
         context = self.text_embedder(text)
         h, context = self._add_positions(h, context, grid)
-        rope = self.rotary(*grid, text_len=context.shape[1], device=x.device) if self.config.rotary else None
+        # Sequence parallel: each rank keeps a chunk of the video tokens and one of the text tokens.
+        h, context = self.sequence.scatter(h, 1), self.sequence.scatter(context, 1, "text")
+        rope = None
+        if self.config.rotary:
+            rope = self.rotary(*grid, text_len=context.shape[1], device=x.device)
+            rope = self.sequence.local_rotary(rope, 1)
         for block in self.blocks:
             h, context = block(h, context, cond, rope)
-        h = self.final_layer(self.norm_final(h), cond)
+        h = self.sequence.gather(self.final_layer(self.norm_final(h), cond), 1)
         return unpatchify_video(h.view(batch, frames, -1, h.shape[-1]), grid, (1, p, p), self.out_channels)
 
 

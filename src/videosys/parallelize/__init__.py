@@ -133,6 +133,8 @@ def apply_sequence_parallel(model: nn.Module, dist: DistContext, local_attention
         if isinstance(module, Attention):  # self-attention only: cross-attention keys are the whole text
             if model.token_layout == "image":
                 module.attention_fn = plan.image_attention_fn(1)
+            elif model.token_layout == "joint":
+                module.attention_fn = plan.joint_attention_fn()
             else:
                 module.sp = plan
     return dims.sp_mode
@@ -145,7 +147,15 @@ def token_grid(model: nn.Module, input_size) -> tuple[int, int]:
         return 1, (input_size // model.patch_size) ** 2
     patch = model.patch_size if isinstance(model.patch_size, (tuple, list)) else (1, model.patch_size, model.patch_size)
     frames, height, width = input_size
-    return -(-frames // patch[0]), -(-height // patch[1]) * -(-width // patch[2])
+    grid = -(-frames // patch[0]), -(-height // patch[1]) * -(-width // patch[2])
+    if model.token_layout == "joint":  # one sequence of all video tokens, split as a whole
+        return 1, grid[0] * grid[1]
+    return grid
+
+
+def text_tokens(model: nn.Module) -> int:
+    """The text tokens a joint [text; video] model splits and attends with the video (0 for other models)."""
+    return model.config.max_text_length if model.token_layout == "joint" else 0
 
 
 def attention_layouts(model: nn.Module) -> dict[str, int]:
@@ -174,6 +184,7 @@ def model_comm_per_forward(
         model.config.hidden_size,
         model.final_layer.linear.out_features,
         element_bytes,
+        text_tokens(model),
     )
 
 

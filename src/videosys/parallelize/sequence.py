@@ -13,7 +13,10 @@ each self-attention to the plan, which knows what that attention needs:
   - spatial attention: DSP switches the split from space to time with one all-to-all of the
     block input and switches back with one of its output (2 all-to-alls per spatial block);
     Ulysses / Ring / USP run the attention over each frame's split tokens;
-  - full 3D attention: Ulysses / Ring / USP over all T x S tokens (DSP does not apply).
+  - full 3D attention: Ulysses / Ring / USP over all T x S tokens (DSP does not apply);
+- joint [text; video] tokens (CogVideoX) split along the video tokens N and, separately, along the text
+  tokens L (`scatter(context, 1, "text")`): each rank holds a chunk of both streams, and Ulysses runs the
+  joint attention over every rank's [text chunk; video chunk], padded rows of either masked out.
 Cross-attention and MLPs act per token and stay local.
 """
 
@@ -52,12 +55,22 @@ class SequenceParallel:
 
     # ---- hooks the models call ----------------------------------------------------------------
 
-    def scatter(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        self.lengths[dim] = x.shape[dim]
+    def scatter(self, x: torch.Tensor, dim: int, name: str | None = None) -> torch.Tensor:
+        """This rank's chunk of axis `dim`; `name` tells apart two streams split along the same axis."""
+        self.lengths[name or dim] = x.shape[dim]
         return scatter_sequence(x, dim, self.sp)
 
-    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        return gather_sequence(x, dim, self.sp, self.lengths[dim])
+    def gather(self, x: torch.Tensor, dim: int, name: str | None = None) -> torch.Tensor:
+        return gather_sequence(x, dim, self.sp, self.lengths[name or dim])
+
+    def local_rotary(self, rope: Rotary, dim: int) -> Rotary:
+        """A rotary table over the whole of axis `dim` cut to this rank's (padded) chunk of it."""
+        chunk = chunk_length(self.lengths[dim], self.sp.size)
+
+        def local(table: torch.Tensor) -> torch.Tensor:
+            return pad_dim(table, 0, chunk * self.sp.size).narrow(0, self.sp.rank * chunk, chunk)
+
+        return Rotary(local(rope.cos), local(rope.sin), rope.interleaved, rope.start)
 
     # ---- attention ----------------------------------------------------------------------------
 
@@ -67,6 +80,25 @@ class SequenceParallel:
         chunk = chunk_length(length, self.sp.size)
         positions = torch.arange(self.sp.size * chunk).view(self.sp.size, 1, chunk)
         return (positions < length).expand(self.sp.size, inner, chunk).reshape(-1)
+
+    def joint_attention_fn(self, text: str = "text", video: int = 1) -> Callable[..., torch.Tensor]:
+        """Ulysses attention over joint rows [text chunk; video chunk] on every rank (the streams scattered
+        as `text` and along axis `video`). The all-to-all lays the group's rows out rank by rank, which
+        attention does not mind; the mask marks each rank's real text and video rows."""
+        if self.mode != "ulysses":
+            raise ValueError(f"joint text-video attention runs under Ulysses, not sp_mode={self.mode}")
+
+        def fn(q, k, v, mask=None):
+            n, lengths = self.sp.size, (self.lengths[text], self.lengths[video])
+            chunks = [chunk_length(length, n) for length in lengths]
+            per_rank = [
+                torch.arange(rank * chunk, (rank + 1) * chunk) < length
+                for rank in range(n)
+                for chunk, length in zip(chunks, lengths, strict=True)
+            ]
+            return ulysses_attention(q, k, v, self.sp, self.local_attention, torch.cat(per_rank))
+
+        return fn
 
     def attention_fn(self, valid: torch.Tensor) -> Callable[..., torch.Tensor]:
         """An `attention_fn(q, k, v, mask)` over the whole split sequence, `valid` marking real rows."""
@@ -132,8 +164,10 @@ def sequence_comm_per_forward(
     hidden: int,
     out_features: int,
     element_bytes: int,
+    text_tokens: int = 0,
 ) -> dict[str, tuple[int, int]]:
     """Collectives and bytes one rank sends in one forward pass under a plan: kind -> (calls, bytes).
+    `text_tokens`: a joint [text; video] model's text length (its text is split and attended with the video).
 
     `attention_layouts` counts self-attentions per layout ("spatial", "temporal", "full", or
     "image" for (B, N, C) models, where N = `spatial` and `frames` = 1). Activations are split
@@ -143,6 +177,7 @@ def sequence_comm_per_forward(
     n = ulysses * ring
     chunk = chunk_length(spatial, n)
     local = batch * frames * chunk * hidden * element_bytes  # one rank's activations of one layer
+    text_local = batch * chunk_length(text_tokens, n) * hidden * element_bytes
     calls: dict[str, list[int]] = {}
 
     def add(kind: str, count: int, nbytes: int) -> None:
@@ -153,7 +188,7 @@ def sequence_comm_per_forward(
     for layout, count in attention_layouts.items():
         if layout == "temporal" or count == 0:
             continue
-        tokens_local = local
+        tokens_local = local + text_local
         if mode == "dsp":
             if layout != "spatial":
                 raise ValueError(f"DSP does not apply to {layout} attention")

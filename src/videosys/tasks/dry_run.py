@@ -20,7 +20,7 @@ from videosys.distributed import (
 from videosys.distributed.collectives import chunk_length
 from videosys.distributed.mesh import MESH_DIMS
 from videosys.models import build_model, model_entry
-from videosys.parallelize import attention_layouts, model_comm_per_forward, token_grid
+from videosys.parallelize import attention_layouts, model_comm_per_forward, text_tokens, token_grid
 from videosys.parallelize.sequence import sequence_comm_per_forward
 from videosys.precision import PrecisionConfig
 
@@ -64,7 +64,10 @@ def _describe(ctx: DistContext, parallel, model_cfg, precision, task, batch, emi
         + " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, dims.shape, strict=True))
         + f", sp_mode={dims.sp_mode}; ranks are row-major over this order (sequence-parallel ranks adjacent)"
     )
-    shape = f"{frames} frames x {spatial} tokens" if model.token_layout != "image" else f"{spatial} tokens"
+    shape = {
+        "image": f"{spatial} tokens",
+        "joint": f"{spatial} video tokens and {text_tokens(model)} text tokens, each split",
+    }.get(model.token_layout, f"{frames} frames x {spatial} tokens")
     emit(f"tokens per sample: {shape}, hidden {cfg.hidden_size}, {cfg.num_heads} heads, {params / 1e6:.1f}M parameters")
 
     chunk = chunk_length(spatial, dims.sp)
@@ -102,6 +105,7 @@ def _describe(ctx: DistContext, parallel, model_cfg, precision, task, batch, emi
                 cfg.hidden_size,
                 0,
                 element,
+                text_tokens(model),
             )
             text = ", ".join(f"{c} {k} ({b / _MIB:.2f} MiB)" for k, (c, b) in one.items() if c and b) or "none (local)"
             emit(f"per {layout} attention block: {text}")
