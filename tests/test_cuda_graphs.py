@@ -16,6 +16,8 @@ from test_pab import _model, _preset, _sample
 from videosys.cache import KINDS, build_cache, compute_plan
 from videosys.diffusion import DiffusionConfig, SamplingConfig, make_sampler
 from videosys.errors import ConfigError
+from videosys.ops import KernelsConfig
+from videosys.ops.kernels import check_cuda_graphs
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -25,6 +27,13 @@ def test_cuda_graphs_need_a_gpu(tmp_path):
     with pytest.raises(ConfigError, match=message):
         run_inprocess(["task=sample", "model=opensora", "kernels.cuda_graphs=true"], tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_cuda_graphs_refuse_compiled_blocks_that_capture_graphs_of_their_own():
+    kernels = KernelsConfig(compile=True, compile_mode="reduce-overhead", cuda_graphs=True)
+    with pytest.raises(ConfigError, match=r"compile_mode=reduce-overhead captures CUDA graphs of its own"):
+        check_cuda_graphs(kernels, torch.device("cuda"), "dsp")
+    check_cuda_graphs(KernelsConfig(compile=True, cuda_graphs=True), torch.device("cuda"), "dsp")  # default mode
 
 
 def _refusal(rank: int, world: int, overrides: list[str], run_dir: str) -> str:

@@ -225,7 +225,7 @@ class PyramidAttentionBroadcast:
         blocks = self.check_model(model)
         for name, index, block in blocks:
             block.cache = BlockCache(self, name, index)
-        self._model_kinds = model_kinds(model)
+        self._model_kinds = {kind for _, _, block in blocks for kind in block.cache_kinds}
         try:
             yield
         finally:

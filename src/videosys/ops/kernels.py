@@ -141,7 +141,6 @@ def _fused():
 
 def build_block_ops(kernels: KernelsConfig, device: torch.device) -> BlockOps:
     """The block ops `kernels` asks for; Triton kernels need a GPU (or the Triton interpreter)."""
-    check_cuda_graphs(kernels, device)
     switches = kernels.fused_switches
     if switches:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -157,9 +156,18 @@ def build_block_ops(kernels: KernelsConfig, device: torch.device) -> BlockOps:
     return BlockOps(kernels.fused_modulate, kernels.fused_norm, kernels.fused_gate_residual)
 
 
-def check_cuda_graphs(kernels: KernelsConfig, device: torch.device) -> None:
+def check_cuda_graphs(kernels: KernelsConfig, device: torch.device, sp_mode: str) -> None:
+    """Whether a sampling run can replay its steps from CUDA graphs (`sp_mode`: "none" without sequence
+    parallelism); a ConfigError with the fix otherwise."""
     if not kernels.cuda_graphs:
         return
+    if sp_mode not in ("none", "dsp"):
+        # Verified bit-exact in graphs: one process, CFG parallel and DSP. Ulysses with padded lengths moves
+        # a host-made index per call, and Ring exchanges point to point; neither is captured yet.
+        raise ConfigError(
+            f"kernels.cuda_graphs=true replays sampling steps with sequence parallelism dsp only, not "
+            f"parallel.sp_mode={sp_mode}; use a dsp preset, or kernels.cuda_graphs=false"
+        )
     if device.type != "cuda":
         raise ConfigError(
             f"kernels.cuda_graphs=true replays sampling steps from CUDA graphs, which needs a CUDA GPU (this run "

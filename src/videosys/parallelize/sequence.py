@@ -89,14 +89,9 @@ class SequenceParallel:
             raise ValueError(f"joint text-video attention runs under Ulysses, not sp_mode={self.mode}")
 
         def fn(q, k, v, mask=None):
-            n, lengths = self.sp.size, (self.lengths[text], self.lengths[video])
-            chunks = [chunk_length(length, n) for length in lengths]
-            per_rank = [
-                torch.arange(rank * chunk, (rank + 1) * chunk) < length
-                for rank in range(n)
-                for chunk, length in zip(chunks, lengths, strict=True)
-            ]
-            return ulysses_attention(q, k, v, self.sp, self.local_attention, torch.cat(per_rank))
+            n = self.sp.size
+            rows = [self._valid(self.lengths[key]).view(n, -1) for key in (text, video)]  # (rank, chunk) each
+            return ulysses_attention(q, k, v, self.sp, self.local_attention, torch.cat(rows, dim=1).reshape(-1))
 
         return fn
 

@@ -16,6 +16,7 @@ from videosys.encoders import LabelConditioner, TextEncoderConfig, VAEConfig, en
 from videosys.errors import ConfigError, MissingGeometryError
 from videosys.models import model_entry
 from videosys.ops import KernelsConfig
+from videosys.ops.kernels import check_cuda_graphs
 from videosys.precision import PrecisionConfig
 from videosys.tasks import checkpoint as ckpt_io
 from videosys.tasks.common import (
@@ -67,13 +68,7 @@ def sample(
             "sampling.cfg_scale above 1 or use a preset without cfg"
         )
     dims = ctx.dist.dims
-    if kernels.cuda_graphs and dims.sp > 1 and dims.sp_mode != "dsp":
-        # Verified bit-exact in graphs: one process, CFG parallel and DSP. Ulysses with padded lengths moves
-        # a host-made index per call, and Ring exchanges point to point; neither is captured yet.
-        raise ConfigError(
-            f"kernels.cuda_graphs=true replays sampling steps with sequence parallelism dsp only, not "
-            f"parallel.sp_mode={dims.sp_mode}; use a dsp preset, or kernels.cuda_graphs=false"
-        )
+    check_cuda_graphs(kernels, ctx.device, dims.sp_mode if dims.sp > 1 else "none")
     cache = build_cache(pab, compiled_blocks=kernels.compile, num_steps=sampling.num_steps)
     text_encoder = text_encoder or TextEncoderConfig()
     dataset, spec = sample_data(data_cfg, model_entry(model_cfg.name).is_video)
