@@ -287,7 +287,8 @@ TOP = {F32: 3e38, BF16: 3e38, F16: 6e4}  # near the largest finite value of the 
 
 def _hard_rows(shape, dtype):
     """Random rows, with: a row of huge varied values, a huge constant row, an all-zero row, a constant row of
-    an ordinary value, and a constant row near the top of the dtype's range."""
+    an ordinary value, a constant row near the top of the dtype's range and (given 6 rows or more) a row
+    alternating between the top and its negative, whose unscaled sums overflow."""
     torch.manual_seed(6)
     x = torch.randn(shape)
     channels = shape[-1]
@@ -296,6 +297,8 @@ def _hard_rows(shape, dtype):
     flat[1] = HUGE[dtype]
     flat[2] = 0.0
     flat[3] = 1.3
+    if flat.shape[0] > 5:
+        flat[4] = TOP[dtype] * (1 - 2 * (torch.arange(channels) % 2))
     flat[-1] = -TOP[dtype]
     return x.to(dtype)
 
@@ -326,14 +329,17 @@ def _check_robust(fn, ref, args: list, kwargs: dict, device: str, reduced: set[i
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 @pytest.mark.parametrize("shape", [(2, 6, 72), (1, 5, 5000)], ids=["one-tile", "chunked"])
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch"])
-def test_norms_are_finite_on_hard_rows(shape, dtype, device, prefetch, monkeypatch):
+@pytest.mark.parametrize("tiles", ["", "prefetch", "one-row"])
+def test_norms_are_finite_on_hard_rows(shape, dtype, device, tiles, monkeypatch):
     """Rows that fit one register tile, and rows wider than one (the chunked path); with prefetch, 2-row
-    tiles that each program walks in turn."""
-    if prefetch and shape[-1] > 4096:
-        pytest.skip("prefetch applies to rows that fit one register tile")
-    if prefetch:
+    tiles that each program walks in turn; one-row: tiles of a single row, whose statistics are scalars (the
+    launch the H200 tuning chose for C = 1152)."""
+    if tiles and shape[-1] > 4096:
+        pytest.skip("prefetch and one-row tiles apply to rows that fit one register tile")
+    if tiles:
         params = PassLaunch(tile=256, block_c=4096, warp_elems=64, num_stages=1, programs_per_sm=1, prefetch=True)
+        if tiles == "one-row":  # 72 channels = a head of 64 and a tail of 8: one row per 64-element tile
+            params = PassLaunch(tile=64, block_c=4096, warp_elems=64, num_stages=1, programs_per_sm=2)
         fields = ("layernorm_modulate_fwd", "layernorm_modulate_bwd", "rms_norm_fwd", "rms_norm_bwd")
         monkeypatch.setattr(fused, "LAUNCH", dataclasses.replace(fused.LAUNCH, **dict.fromkeys(fields, params)))
     batch, channels = shape[0], shape[-1]
@@ -361,6 +367,37 @@ def test_modulate_and_gate_are_finite_on_hard_rows(dtype, device):
     _check_robust(fused_modulate, modulate_reference, [x, shift, scale], {}, device, reduced={1, 2})
     residual, gate = _hard_rows((2, 6, 72), dtype).flip(-1), (0.02 * torch.randn(2, 72)).to(dtype)
     _check_robust(fused_gate_residual, gate_residual_reference, [residual, gate, x], {}, device, reduced={1})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
+    """The modulate backward sums the gradients of the per-group vectors over each group's splits inside the
+    kernel, by whichever program finishes last, in split order: repeated calls give bit-identical sums,
+    equal to the float64 sums over the tokens. Many splits per group (a few programs per SM on a GPU, two
+    rows per split in the interpreter) so that programs finish in varying order. The LayerNorm backward's
+    sums (a torch reduction of the kernel's partials) are checked the same way."""
+    shape, groups, repeats = ((2, 6144, 1152), 3, 20) if device == "cuda" else ((2, 24, 40), 3, 2)
+    if device == "cpu":
+        tiny = PassLaunch(tile=32, block_c=16, warp_elems=32, num_stages=1, programs_per_sm=64)
+        monkeypatch.setattr(fused, "LAUNCH", dataclasses.replace(fused.LAUNCH, modulate_bwd=tiny))
+    gen = torch.Generator().manual_seed(7)
+    x, dy = (torch.randn(shape, generator=gen).to(device, BF16) for _ in range(2))
+    scale = (0.1 * torch.randn(shape[0], groups, shape[2], generator=gen)).to(device, BF16)
+    stats = fused._layernorm_modulate_impl(x, scale, scale, None, None, 1e-6, BF16)[1]
+    runs = {
+        "modulate": lambda: fused._modulate_backward_impl(dy, x, scale)[1:],
+        "layernorm_modulate": lambda: fused._layernorm_modulate_backward_impl(dy, x, scale, None, None, stats)[1:3],
+    }
+    grouped = lambda t: t.double().reshape(shape[0], groups, -1, shape[2])  # noqa: E731
+    dshift_exact = grouped(dy).sum(2)
+    dscale_exact = {"modulate": (grouped(dy) * grouped(x)).sum(2)}
+    for name, run in runs.items():
+        first = run()
+        for _ in range(repeats):
+            assert all(torch.equal(a, b) for a, b in zip(run(), first, strict=True)), name
+        torch.testing.assert_close(first[0].double(), dshift_exact, rtol=1e-5, atol=1e-4)
+        if name in dscale_exact:
+            torch.testing.assert_close(first[1].double(), dscale_exact[name], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -18,7 +18,7 @@ from videosys.errors import ConfigError
 from videosys.models.blocks import Attention, HeadLayerNorm
 from videosys.ops import ATTENTION_BACKENDS, KernelsConfig, build_attention, build_block_ops
 from videosys.ops.attention import AttentionBackend, AttentionChoice, AttentionSelector, math_attention
-from videosys.parallelize import parallelize
+from videosys.parallelize import compile_settings, parallelize
 from videosys.precision import PrecisionConfig
 
 CPU = DistContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
@@ -222,7 +222,10 @@ def _grads(model, inputs, seed=3):
     out = model(*inputs)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device)
     (out * weight).sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    # Parameter names as the unwrapped model has them (checkpoint_wrapper adds a level to the module names).
+    return out.detach(), {
+        n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in model.named_parameters()
+    }
 
 
 def _assert_same_output_and_gradients(model, reference, inputs, tolerance=1e-5):
@@ -247,6 +250,56 @@ def test_compiled_blocks_equal_eager_without_graph_breaks(name):
     _assert_same_output_and_gradients(model, reference, inputs)  # training: forward and backward graphs
     with torch.no_grad():  # sampling: an inference graph
         assert relative_error(model(*inputs), reference(*inputs)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,checkpointing", [("dit", False), ("dit", True), ("opensora", False)])
+def test_compiled_model_equals_eager_without_graph_breaks(name, checkpointing):
+    """kernels.compile_scope=model: the whole forward is one graph (fullgraph=True: a graph break is an
+    error), with or without checkpointed blocks inside it; output and gradients equal eager."""
+    torch._dynamo.reset()
+    reference, inputs = build(name)
+    model = copy.deepcopy(reference)
+    parallelize(reference, CPU, ParallelConfig(), KernelsConfig(), PrecisionConfig())
+    kernels = KernelsConfig(compile=True, compile_scope="model")
+    plan = parallelize(model, CPU, ParallelConfig(), kernels, PrecisionConfig(), activation_checkpointing=checkpointing)
+    assert plan.compiled_model and plan.compiled_blocks == 0 and plan.compiled == "whole model"
+    assert plan.checkpointed_blocks == (sum(len(getattr(model, n)) for n in model.block_lists) if checkpointing else 0)
+    _assert_same_output_and_gradients(model, reference, inputs)
+    with torch.no_grad():
+        assert relative_error(model(*inputs), reference(*inputs)) <= 1e-5
+
+
+def test_compile_scope_errors_name_the_value_and_the_fix():
+    model, _ = build("dit")
+    layers = KernelsConfig(compile=True, compile_scope="layers")
+    with pytest.raises(ConfigError, match="kernels.compile_scope='layers' is not known; use blocks or model"):
+        parallelize(model, CPU, ParallelConfig(), layers, PrecisionConfig())
+    typo = KernelsConfig(compile=True, compile_options={"coordinate_decent_tuning": True})
+    with pytest.raises(ConfigError, match="compile_options has 'coordinate_decent_tuning', which is no torch._induc"):
+        parallelize(model, CPU, ParallelConfig(), typo, PrecisionConfig())
+    # Options go on top of the mode's own (torch takes either a mode or options).
+    settings = compile_settings("reduce-overhead", {"coordinate_descent_tuning": True})
+    assert settings == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+    assert compile_settings("default") == {"mode": None}
+    # Two ranks: a fake process group stands in (no collectives run before the check).
+    two = init_distributed(ParallelConfig(dp_shard=2), device="cpu", fake_world_size=2)
+    try:
+        scope = KernelsConfig(compile=True, compile_scope="model")
+        with pytest.raises(ConfigError, match="compile_scope=model trains in one process only; this run has 2 ranks"):
+            parallelize(build("dit")[0], two, ParallelConfig(dp_shard=2), scope, PrecisionConfig())
+        plan = parallelize(build("dit")[0], two, ParallelConfig(dp_shard=2), scope, PrecisionConfig(), training=False)
+        assert plan.compiled_model  # sampling on several ranks shards nothing
+    finally:
+        shutdown_distributed(two)
+    sp = init_distributed(ParallelConfig(sp_ulysses=2, sp_mode="ulysses"), device="cpu", fake_world_size=2)
+    try:
+        latte = build("latte")[0]
+        scope = KernelsConfig(compile=True, compile_scope="model")
+        with pytest.raises(ConfigError, match="sequence parallelism .parallel.sp_mode=ulysses over 2 ranks"):
+            ulysses = ParallelConfig(sp_ulysses=2, sp_mode="ulysses")
+            parallelize(latte, sp, ulysses, scope, PrecisionConfig(), training=False)
+    finally:
+        shutdown_distributed(sp)
 
 
 @pytest.mark.parametrize("name", ["dit", "opensora", "latte"])

@@ -228,6 +228,25 @@ def _fold_rows(t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC_ROWS: tl.con
 
 
 @triton.jit
+def _last_of_group(count_ptr, slot):
+    """Whether this program is the last of its (group, column block) to have stored its partial sums: each
+    program takes a ticket from the slot's counter once its stores are done (the barrier orders every
+    thread's stores before the release of the atomic), and the last ticket's holder sums the partials."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr + slot, 1, sem="acq_rel") == tl.num_programs(1) - 1
+
+
+@triton.jit
+def _sum_splits(part_ptr, first, n_splits, C, cols, cmask):
+    """Sum over the splits of one group's fp32 partials part[first + split * C + cols], in split order (so the
+    result does not depend on which program finished last). Read from L2 (.cg): other SMs wrote them."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for split in range(n_splits):
+        acc += tl.load(part_ptr + first + split * C + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+    return acc
+
+
+@triton.jit
 def _vector(ptr, cols, cmask, default: tl.constexpr, PRESENT: tl.constexpr):
     """ptr[cols] as fp32, or `default` everywhere when the tensor is absent."""
     v = tl.full(cols.shape, default, tl.float32)
@@ -283,6 +302,9 @@ def _scale_add_bwd_kernel(
     m_ptr,
     dx_ptr,
     part_ptr,
+    dm_ptr,
+    dadd_ptr,
+    count_ptr,
     C,
     group_len,
     rows_per_split,
@@ -296,7 +318,8 @@ def _scale_add_bwd_kernel(
 ):
     """Backward of out = x * (1 + m) + add for program (group g, split, column block): writes
     dx = dy * (1 + m) for its rows and the fp32 partial column sums part[0, g, split] = sum(dy * x) (the
-    gradient of m) and, with SUM_DY, part[1, g, split] = sum(dy) (the gradient of a per-group add)."""
+    gradient of m) and, with SUM_DY, part[1, g, split] = sum(dy) (the gradient of a per-group add). The last
+    program of (g, column block) to finish sums the group's partials into dm[g] and dadd[g] (fp32 (G, C))."""
     g = tl.program_id(0)
     split = tl.program_id(1)
     start, end = _split_rows(split, rows_per_split, group_len)
@@ -324,6 +347,13 @@ def _scale_add_bwd_kernel(
     tl.store(part_ptr + out, tl.sum(acc_m, axis=0), mask=cmask)
     if SUM_DY:
         tl.store(part_ptr + plane + out, tl.sum(acc_dy, axis=0), mask=cmask)
+    if _last_of_group(count_ptr, g * tl.num_programs(2) + tl.program_id(2)):
+        group_first = g.to(tl.int64) * n_splits * C
+        dm = _sum_splits(part_ptr, group_first, n_splits, C, cols, cmask)
+        tl.store(dm_ptr + g.to(tl.int64) * C + cols, dm, mask=cmask)
+        if SUM_DY:
+            dadd = _sum_splits(part_ptr + plane, group_first, n_splits, C, cols, cmask)
+            tl.store(dadd_ptr + g.to(tl.int64) * C + cols, dadd, mask=cmask)
 
 
 @triton.jit
@@ -1013,14 +1043,16 @@ def _launch_scale_bwd(
     n_col_blocks = triton.cdiv(channels, blocks.block_c)
     n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, blocks, params, x.device)
     part = torch.empty((2, n_groups, n_splits, channels), dtype=torch.float32, device=x.device)
+    dm = torch.empty(m.shape, dtype=torch.float32, device=x.device)
+    dadd = torch.empty(m.shape, dtype=torch.float32, device=x.device) if sum_dy else None
+    counts = torch.zeros(n_groups * n_col_blocks, dtype=torch.int32, device=x.device)  # see _last_of_group
     _launch(_scale_add_bwd_kernel, x)[(n_groups, n_splits, n_col_blocks)](
-        dy, x, m, dx, part, channels, group_len, rows_per_split, n_splits, n_groups,
-        ONE_PLUS=one_plus, SUM_DY=sum_dy, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
+        dy, x, m, dx, part, dm, dm if dadd is None else dadd, counts, channels, group_len, rows_per_split,
+        n_splits, n_groups, ONE_PLUS=one_plus, SUM_DY=sum_dy, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
         ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
-    sums = _planes(part[: 2 if sum_dy else 1].sum(dim=2))  # one reduction launch for both planes
-    return dx, sums[0].reshape(m.shape), sums[1].reshape(m.shape) if sum_dy else None
+    return dx, dm, dadd
 
 
 def _tail_flags(blocks: _Blocks) -> dict:

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,8 +36,14 @@ class KernelsConfig:
     fused_modulate: bool = False  # x * (1 + scale) + shift
     fused_norm: bool = False  # LayerNorm + modulate in one pass, and RMSNorm
     fused_gate_residual: bool = False  # x + gate * h
-    compile: bool = False  # torch.compile each transformer block (regional compilation)
-    compile_mode: str = "default"  # torch.compile mode: default | max-autotune-no-cudagraphs | ...
+    compile: bool = False  # torch.compile, over compile_scope
+    # blocks: each transformer block (regional compilation: any parallel mode, fast to compile) | model: the
+    # whole forward as one graph (one process without sequence parallelism; fuses across blocks, and with
+    # compile_mode=reduce-overhead replays one CUDA graph per forward and per backward)
+    compile_scope: str = "blocks"
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs | ...
+    # Inductor options on top of the mode's, e.g. {coordinate_descent_tuning: true} (torch._inductor.config names).
+    compile_options: dict[str, Any] = field(default_factory=dict)
     # Sampling (task=sample) replays each distinct denoising step's model call from a CUDA graph.
     cuda_graphs: bool = False
 

@@ -5,7 +5,7 @@
 2. sequence parallelism (the model's `sequence` hooks and its self-attention modules; see
    `videosys.parallelize.sequence`),
 3. activation checkpointing (per transformer block),
-4. torch.compile of each transformer block's forward (regional compilation),
+4. torch.compile of each transformer block's forward (regional compilation) or of the whole forward,
 5. after the weights exist: ZeRO sharding with FSDP2 over the data-parallel and sequence-parallel
    ranks (`shard_parameters`),
 6. for sampling: classifier-free-guidance parallelism around the denoiser (`cfg_parallel`).
@@ -40,7 +40,15 @@ class ParallelizePlan:
     checkpointed_blocks: int
     sequence_parallel: str = "none"
     fused_ops: str = "none"
-    compiled_blocks: int = 0
+    compiled_blocks: int = 0  # blocks compiled one by one (regional compilation)
+    compiled_model: bool = False  # the whole forward compiled as one graph
+
+    @property
+    def compiled(self) -> str:
+        """What torch.compile covers, for the log."""
+        if self.compiled_model:
+            return "whole model"
+        return f"{self.compiled_blocks} blocks" if self.compiled_blocks else "none"
 
 
 def transformer_block_lists(model: nn.Module) -> list[nn.ModuleList]:
@@ -64,6 +72,8 @@ def parallelize(
     `training` says whether backward will run (some attention backends have none)."""
     del parallel  # its degrees were resolved into dist.dims by init_distributed
     dims, backend = dist.dims, ATTENTION_BACKENDS.get(kernels.attention)
+    if kernels.compile:
+        check_compile_scope(kernels.compile_scope, dist, training)
     if dims.sp > 1 and dims.sp_mode in ("ring", "usp") and backend is not None and not backend.returns_lse:
         raise ConfigError(
             f"kernels.attention={backend.name!r} gives Ring attention no log-sum-exp to merge its blocks with "
@@ -93,12 +103,70 @@ def parallelize(
                 # The wrapper's state-dict hooks keep state-dict keys unchanged.
                 blocks[i] = checkpoint_wrapper(block)
                 checkpointed += 1
-    compiled = compile_blocks(model, kernels.compile_mode, fullgraph=sequence == "none") if kernels.compile else 0
     fused = ",".join(kernels.fused_switches) or "none"
-    return ParallelizePlan(attention.name, checkpointed, sequence, fused, compiled)
+    plan = ParallelizePlan(attention.name, checkpointed, sequence, fused)
+    if kernels.compile and kernels.compile_scope == "model":
+        compile_model(model, kernels.compile_mode, kernels.compile_options)
+        plan.compiled_model = True
+    elif kernels.compile:
+        plan.compiled_blocks = compile_blocks(
+            model, kernels.compile_mode, fullgraph=sequence == "none", options=kernels.compile_options
+        )
+    return plan
 
 
-def compile_blocks(model: nn.Module, mode: str, fullgraph: bool) -> int:
+def compile_settings(mode: str, options: dict | None = None) -> dict:
+    """torch.compile's mode / options arguments for kernels.compile_mode and kernels.compile_options (torch
+    takes one or the other: given options, the mode's own options are merged under them). Unknown names are a
+    ConfigError, raised here, before any model work."""
+    if not options:
+        return {"mode": None if mode == "default" else mode}
+    from torch._inductor import list_mode_options
+
+    known = list_mode_options()
+    if mode not in known:
+        raise ConfigError(f"kernels.compile_mode={mode!r} is not known; use one of {', '.join(known)}")
+    from torch._inductor import config as inductor_config
+
+    unknown = [k for k in options if k not in inductor_config.get_config_copy()]
+    if unknown:
+        raise ConfigError(
+            f"kernels.compile_options has {unknown[0]!r}, which is no torch._inductor.config option; "
+            "remove it or check its spelling (e.g. coordinate_descent_tuning)"
+        )
+    return {"options": {**known[mode], **dict(options)}}
+
+
+def check_compile_scope(scope: str, dist: DistContext, training: bool) -> None:
+    """kernels.compile_scope is known and fits the run; a ConfigError with the fix otherwise."""
+    if scope not in ("blocks", "model"):
+        raise ConfigError(f"kernels.compile_scope={scope!r} is not known; use blocks or model")
+    if scope != "model":
+        return
+    if dist.dims.sp > 1:
+        raise ConfigError(
+            f"kernels.compile_scope=model compiles the forward as one graph, but sequence parallelism "
+            f"(parallel.sp_mode={dist.dims.sp_mode} over {dist.dims.sp} ranks) communicates between the blocks; "
+            "use kernels.compile_scope=blocks"
+        )
+    if training and dist.mesh is not None:
+        # FSDP2 gathers and frees each block's parameters in hooks around the block, which would sit inside
+        # the one graph; compiled blocks keep those hooks outside.
+        raise ConfigError(
+            f"kernels.compile_scope=model trains in one process only; this run has {dist.world_size} ranks, "
+            "which train with ZeRO sharding hooks around every block; use kernels.compile_scope=blocks"
+        )
+
+
+def compile_model(model: nn.Module, mode: str, options: dict | None = None) -> None:
+    """torch.compile the model's whole forward as one graph, in place (no graph break allowed): inductor
+    fuses across block boundaries, and with mode=reduce-overhead a forward and a backward are one CUDA graph
+    replay each. Compile time grows with depth. Shapes are static, as for `compile_blocks`."""
+    settings = compile_settings(mode, options)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, **settings)
+
+
+def compile_blocks(model: nn.Module, mode: str, fullgraph: bool, options: dict | None = None) -> int:
     """torch.compile each transformer block's forward, in place (regional compilation: every block
     of a list shares one compiled graph, and compile time does not grow with depth).
 
@@ -107,13 +175,11 @@ def compile_blocks(model: nn.Module, mode: str, fullgraph: bool) -> int:
     shape compiles again, and attention `auto` measures its choice at trace time. `fullgraph` holds
     the blocks to no graph break; sequence-parallel attention runs between compiled regions.
     """
-    count = 0
+    settings, count = compile_settings(mode, options), 0
     for blocks in transformer_block_lists(model):
         for block in blocks:
             inner = getattr(block, "_checkpoint_wrapped_module", block)
-            inner.forward = torch.compile(
-                inner.forward, fullgraph=fullgraph, dynamic=False, mode=None if mode == "default" else mode
-            )
+            inner.forward = torch.compile(inner.forward, fullgraph=fullgraph, dynamic=False, **settings)
             count += 1
     return count
 

@@ -144,14 +144,13 @@ def prepare_model(
     model.init_weights()
     params = sum(p.numel() for p in model.parameters())
     log.info(
-        "model %s/%s: %.2fM parameters, attention=%s, fused ops=%s, compiled blocks=%d, checkpointed blocks=%d, "
-        "device=%s",
+        "model %s/%s: %.2fM parameters, attention=%s, fused ops=%s, compiled=%s, checkpointed blocks=%d, device=%s",
         model_cfg.name,
         model_cfg.flavor,
         params / 1e6,
         plan.attention_backend,
         plan.fused_ops,
-        plan.compiled_blocks,
+        plan.compiled,
         plan.checkpointed_blocks,
         ctx.device,
     )
