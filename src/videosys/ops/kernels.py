@@ -38,8 +38,8 @@ class KernelsConfig:
     fused_gate_residual: bool = False  # x + gate * h
     compile: bool = False  # torch.compile, over compile_scope
     # blocks: each transformer block (regional compilation: any parallel mode, fast to compile) | model: the
-    # whole forward as one graph (one process without sequence parallelism; fuses across blocks, and with
-    # compile_mode=reduce-overhead replays one CUDA graph per forward and per backward)
+    # whole forward as one graph (no sequence parallelism, and training in one process only; fuses across
+    # blocks, and with compile_mode=reduce-overhead replays one CUDA graph per forward and per backward)
     compile_scope: str = "blocks"
     compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs | ...
     # Inductor options on top of the mode's, e.g. {coordinate_descent_tuning: true} (torch._inductor.config names).
