@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from videosys.diffusion import DiffusionConfig, GaussianDiffusion
 from videosys.models.dit import DiT, DiTConfig
-from videosys.parallelize import compile_blocks, compile_model
+from videosys.parallelize import compile_blocks, compile_model, compile_settings
 from videosys.precision import PrecisionConfig, make_grad_scaler
 from videosys.tasks.train import OptimizerConfig, make_optimizer, optimizer_step
 
@@ -101,10 +101,11 @@ if __name__ == "__main__":
     cfg = DiTConfig(flavor="XL/2", input_size=32, in_channels=4, num_classes=1000)
     if args.compile:
         model = DiT(cfg).cuda()
+        settings = compile_settings(args.mode)
         if args.scope == "model":
-            compile_model(model, args.mode)
+            compile_model(model, settings)
         else:
-            compile_blocks(model, args.mode, fullgraph=True)
+            compile_blocks(model, settings, fullgraph=True)
         run(f"videosys, {args.scope} compiled, mode {args.mode}", model, top_kernels=args.top_kernels)
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -288,7 +288,7 @@ TOP = {F32: 3e38, BF16: 3e38, F16: 6e4}  # near the largest finite value of the 
 def _hard_rows(shape, dtype):
     """Random rows, with: a row of huge varied values, a huge constant row, an all-zero row, a constant row of
     an ordinary value, a constant row near the top of the dtype's range and (given 6 rows or more) a row
-    alternating between the top and its negative, whose unscaled sums overflow."""
+    alternating between the top and its negative, whose differences from its first element overflow."""
     torch.manual_seed(6)
     x = torch.randn(shape)
     channels = shape[-1]
@@ -380,6 +380,12 @@ def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
     if device == "cpu":
         tiny = PassLaunch(tile=32, block_c=16, warp_elems=32, num_stages=1, programs_per_sm=64)
         monkeypatch.setattr(fused, "LAUNCH", dataclasses.replace(fused.LAUNCH, modulate_bwd=tiny))
+    # The case exists for the sums across splits: each group must have several.
+    params, group_len = fused.LAUNCH.modulate_bwd, shape[1] // groups
+    blocks = fused.elementwise_blocks(params, shape[2], group_len)
+    n_col_blocks = -(-shape[2] // blocks.block_c)
+    n_splits, _ = fused._splits(group_len, shape[0] * groups, n_col_blocks, blocks, params, torch.device(device))
+    assert n_splits >= 4, n_splits
     gen = torch.Generator().manual_seed(7)
     x, dy = (torch.randn(shape, generator=gen).to(device, BF16) for _ in range(2))
     scale = (0.1 * torch.randn(shape[0], groups, shape[2], generator=gen)).to(device, BF16)

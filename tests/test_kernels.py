@@ -293,10 +293,9 @@ def test_compile_scope_errors_name_the_value_and_the_fix():
         shutdown_distributed(two)
     sp = init_distributed(ParallelConfig(sp_ulysses=2, sp_mode="ulysses"), device="cpu", fake_world_size=2)
     try:
-        latte = build("latte")[0]
+        latte, ulysses = build("latte")[0], ParallelConfig(sp_ulysses=2, sp_mode="ulysses")
         scope = KernelsConfig(compile=True, compile_scope="model")
         with pytest.raises(ConfigError, match="sequence parallelism .parallel.sp_mode=ulysses over 2 ranks"):
-            ulysses = ParallelConfig(sp_ulysses=2, sp_mode="ulysses")
             parallelize(latte, sp, ulysses, scope, PrecisionConfig(), training=False)
     finally:
         shutdown_distributed(sp)

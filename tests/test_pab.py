@@ -29,7 +29,7 @@ from videosys.errors import ConfigError
 from videosys.models.blocks import AdaLNSingleBlock, attend
 from videosys.models.cogvideox import CogVideoX, CogVideoXConfig
 from videosys.ops import KernelsConfig
-from videosys.parallelize import cfg_parallel, compile_blocks, parallelize
+from videosys.parallelize import cfg_parallel, compile_blocks, compile_settings, parallelize
 from videosys.precision import PrecisionConfig
 from videosys.run import compose_config, to_run_config
 from videosys.tasks.common import attached
@@ -131,7 +131,7 @@ def test_policy_refuses_models_and_settings_it_cannot_serve():
     with pytest.raises(ConfigError, match="kernels.compile=true"):
         build_cache(_preset("opensora"), compiled_blocks=True)
     compiled, _ = _model("opensora")
-    compile_blocks(compiled, "default", fullgraph=True)  # compiles lazily: nothing runs here
+    compile_blocks(compiled, compile_settings(), fullgraph=True)  # compiles lazily: nothing runs here
     with (
         pytest.raises(ConfigError, match=r"spatial_blocks\.0 is compiled"),
         build_cache(_every_kind(2)).attached(compiled),

@@ -228,12 +228,12 @@ def _fold_rows(t, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, ACC_ROWS: tl.con
 
 
 @triton.jit
-def _last_of_group(count_ptr, slot):
-    """Whether this program is the last of its (group, column block) to have stored its partial sums: each
-    program takes a ticket from the slot's counter once its stores are done (the barrier orders every
-    thread's stores before the release of the atomic), and the last ticket's holder sums the partials."""
+def _last_of_group(count_ptr, slot, n_splits):
+    """Whether this program is the last of the n_splits of its (group, column block) to have stored its
+    partial sums: each takes a ticket from the slot's counter once its stores are done (the barrier orders
+    every thread's stores before the release of the atomic), and the last ticket's holder sums the partials."""
     tl.debug_barrier()
-    return tl.atomic_add(count_ptr + slot, 1, sem="acq_rel") == tl.num_programs(1) - 1
+    return tl.atomic_add(count_ptr + slot, 1, sem="acq_rel") == n_splits - 1
 
 
 @triton.jit
@@ -347,7 +347,7 @@ def _scale_add_bwd_kernel(
     tl.store(part_ptr + out, tl.sum(acc_m, axis=0), mask=cmask)
     if SUM_DY:
         tl.store(part_ptr + plane + out, tl.sum(acc_dy, axis=0), mask=cmask)
-    if _last_of_group(count_ptr, g * tl.num_programs(2) + tl.program_id(2)):
+    if _last_of_group(count_ptr, g * tl.num_programs(2) + tl.program_id(2), n_splits):
         group_first = g.to(tl.int64) * n_splits * C
         dm = _sum_splits(part_ptr, group_first, n_splits, C, cols, cmask)
         tl.store(dm_ptr + g.to(tl.int64) * C + cols, dm, mask=cmask)

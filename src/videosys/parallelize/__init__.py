@@ -72,8 +72,9 @@ def parallelize(
     `training` says whether backward will run (some attention backends have none)."""
     del parallel  # its degrees were resolved into dist.dims by init_distributed
     dims, backend = dist.dims, ATTENTION_BACKENDS.get(kernels.attention)
-    if kernels.compile:
+    if kernels.compile:  # checked before any work; the same settings serve every compiled region
         check_compile_scope(kernels.compile_scope, dist, training)
+        settings = compile_settings(kernels.compile_mode, kernels.compile_options)
     if dims.sp > 1 and dims.sp_mode in ("ring", "usp") and backend is not None and not backend.returns_lse:
         raise ConfigError(
             f"kernels.attention={backend.name!r} gives Ring attention no log-sum-exp to merge its blocks with "
@@ -106,19 +107,17 @@ def parallelize(
     fused = ",".join(kernels.fused_switches) or "none"
     plan = ParallelizePlan(attention.name, checkpointed, sequence, fused)
     if kernels.compile and kernels.compile_scope == "model":
-        compile_model(model, kernels.compile_mode, kernels.compile_options)
+        compile_model(model, settings)
         plan.compiled_model = True
     elif kernels.compile:
-        plan.compiled_blocks = compile_blocks(
-            model, kernels.compile_mode, fullgraph=sequence == "none", options=kernels.compile_options
-        )
+        plan.compiled_blocks = compile_blocks(model, settings, fullgraph=sequence == "none")
     return plan
 
 
-def compile_settings(mode: str, options: dict | None = None) -> dict:
+def compile_settings(mode: str = "default", options: dict | None = None) -> dict:
     """torch.compile's mode / options arguments for kernels.compile_mode and kernels.compile_options (torch
     takes one or the other: given options, the mode's own options are merged under them). Unknown names are a
-    ConfigError, raised here, before any model work."""
+    ConfigError."""
     if not options:
         return {"mode": None if mode == "default" else mode}
     from torch._inductor import list_mode_options
@@ -158,24 +157,23 @@ def check_compile_scope(scope: str, dist: DistContext, training: bool) -> None:
         )
 
 
-def compile_model(model: nn.Module, mode: str, options: dict | None = None) -> None:
-    """torch.compile the model's whole forward as one graph, in place (no graph break allowed): inductor
-    fuses across block boundaries, and with mode=reduce-overhead a forward and a backward are one CUDA graph
-    replay each. Compile time grows with depth. Shapes are static, as for `compile_blocks`."""
-    settings = compile_settings(mode, options)
+def compile_model(model: nn.Module, settings: dict) -> None:
+    """torch.compile (with `compile_settings`) the model's whole forward as one graph, in place (no graph
+    break allowed): inductor fuses across block boundaries, and with mode reduce-overhead a forward and a
+    backward are one CUDA graph replay each. Compile time grows with depth. Static shapes, as `compile_blocks`."""
     model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, **settings)
 
 
-def compile_blocks(model: nn.Module, mode: str, fullgraph: bool, options: dict | None = None) -> int:
-    """torch.compile each transformer block's forward, in place (regional compilation: every block
-    of a list shares one compiled graph, and compile time does not grow with depth).
+def compile_blocks(model: nn.Module, settings: dict, fullgraph: bool) -> int:
+    """torch.compile (with `compile_settings`) each transformer block's forward, in place (regional
+    compilation: every block of a list shares one compiled graph, and compile time does not grow with depth).
 
     The forward method is compiled rather than the module, so that the hooks FSDP2 and activation
     checkpointing put around a block stay in eager mode. Shapes are static (`dynamic=False`): a new
     shape compiles again, and attention `auto` measures its choice at trace time. `fullgraph` holds
     the blocks to no graph break; sequence-parallel attention runs between compiled regions.
     """
-    settings, count = compile_settings(mode, options), 0
+    count = 0
     for blocks in transformer_block_lists(model):
         for block in blocks:
             inner = getattr(block, "_checkpoint_wrapped_module", block)
