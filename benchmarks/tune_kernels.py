@@ -45,10 +45,11 @@ DEFAULT_SHAPES = ["2x24180x1152:13", "32x256x1152"]
 SMOKE_SHAPES = ["2x12x72:3", "2x8x100"]
 
 
-def _grid(pairs, block_cs, programs, stages=(1,), prefetch=False) -> list[PassLaunch]:
-    """Candidates: (tile, warp_elems) pairs x column blocks x programs per SM x pipelining depths."""
+def _grid(pairs, block_cs, programs, stages=(1,), **options) -> list[PassLaunch]:
+    """Candidates: (tile, warp_elems) pairs x column blocks x programs per SM x pipelining depths, with the
+    other PassLaunch fields in options (prefetch, max_registers)."""
     return [
-        PassLaunch(tile=t, block_c=bc, warp_elems=we, num_stages=ns, programs_per_sm=pp, prefetch=prefetch)
+        PassLaunch(tile=t, block_c=bc, warp_elems=we, num_stages=ns, programs_per_sm=pp, **options)
         for t, we in pairs
         for bc in block_cs
         for pp in programs
@@ -59,7 +60,7 @@ def _grid(pairs, block_cs, programs, stages=(1,), prefetch=False) -> list[PassLa
 def candidates(family: str) -> list[PassLaunch]:
     """The grid of one kernel family and pass (~20-40 each; at C = 1152 the tile sizes and warp counts
     below cover 1-32 rows per tile and 1-8 warps). Norms also with the next row tile prefetched, for the
-    tiles of at most a few rows where it fits in registers."""
+    tiles of at most a few rows where it fits in registers, and the forward with a register cap."""
     if family == "elementwise_fwd":
         pairs = [(1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512), (8192, 1024)]
         return _grid(pairs, (128, 256), (16, 64))
@@ -70,12 +71,14 @@ def candidates(family: str) -> list[PassLaunch]:
         pairs = [(1024, 1024), (1024, 512), (1024, 256), (2048, 2048), (2048, 1024), (2048, 512), (2048, 256)]
         pairs += [(4096, 1024), (4096, 512)]
         prefetched = [(1024, 1024), (1024, 512), (2048, 2048), (2048, 512), (4096, 1024)]
-        return _grid(pairs, (4096,), (8, 16, 32)) + _grid(prefetched, (4096,), (8, 16, 32), prefetch=True)
+        # One row per warp, capped so that 12-16 programs fit per SM (ptxas may otherwise take more).
+        capped = _grid([(1024, 1024)], (4096,), (12, 16), prefetch=True, max_registers=160)
+        return _grid(pairs, (4096,), (8, 16, 32)) + _grid(prefetched, (4096,), (8, 16, 24, 32), prefetch=True) + capped
     if family == "norm_bwd":
         pairs = [(1024, 1024), (1024, 512), (1024, 256), (1024, 128), (2048, 1024), (2048, 512), (2048, 256)]
         pairs += [(4096, 512)]
-        prefetched = [(1024, 512), (1024, 256), (2048, 512), (2048, 256)]
-        return _grid(pairs, (4096,), (3, 5, 8, 16)) + _grid(prefetched, (4096,), (3, 5, 8, 16), prefetch=True)
+        prefetched = [(1024, 1024), (1024, 512), (1024, 256), (2048, 512), (2048, 256)]
+        return _grid(pairs, (4096,), (3, 5, 8, 16)) + _grid(prefetched, (4096,), (3, 5, 7, 8, 16), prefetch=True)
     raise KeyError(family)
 
 
@@ -135,7 +138,7 @@ def copy_ms_per_byte(dtype: torch.dtype, measure, smoke: bool) -> float:
     return ms * 1e-3 / (2 * src.numel() * src.element_size())
 
 
-def tune(shapes: list[str], dtype: torch.dtype, rep: int, smoke: bool) -> dict:
+def tune(shapes: list[str], dtype: torch.dtype, rep: int, smoke: bool, only: list[str] | None = None) -> dict:
     measure = timer(smoke, rep)
     device = "cpu" if smoke else "cuda"
     copy_s_per_byte = copy_ms_per_byte(dtype, measure, smoke)
@@ -146,6 +149,8 @@ def tune(shapes: list[str], dtype: torch.dtype, rep: int, smoke: bool) -> dict:
     for text in shapes:
         b, n, c, g = parse_shape(text)
         for kernel, (fn, _, _, build, fwd_bytes, bwd_bytes) in kernels(b, n, c, g, dtype, device).items():
+            if only and kernel not in only:
+                continue
             inputs = build()
             with torch.no_grad():
                 grad = torch.randn_like(fn(*inputs))
@@ -195,9 +200,12 @@ def tune(shapes: list[str], dtype: torch.dtype, rep: int, smoke: bool) -> dict:
     return {"device": name, "dtype": str(dtype), "copy_GBps": copy_bw / 1e9, "rows": rows, "rejected": rejected}
 
 
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(PassLaunch) if f.default is not dataclasses.MISSING}
+
+
 def _params(p: dict) -> str:
     text = f"tile={p['tile']} c={p['block_c']} we={p['warp_elems']} st={p['num_stages']} pps={p['programs_per_sm']}"
-    return text + (" prefetch" if p.get("prefetch") else "")
+    return text + "".join(f" {k}={v}" for k, v in p.items() if k in _DEFAULTS and v != _DEFAULTS[k])
 
 
 def table(report: dict) -> str:
@@ -235,8 +243,7 @@ def suggestion(report: dict) -> str:
         key = min(complete, key=lambda k: math.fsum(math.log(v) for v in complete[k]))
         p = json.loads(key)
         gain = math.exp(math.fsum(math.log(v) for v in complete[key]) / len(complete[key]))
-        args = ", ".join(f"{k}={p[k]}" for k in ("tile", "block_c", "warp_elems", "num_stages", "programs_per_sm"))
-        args += ", prefetch=True" if p.get("prefetch") else ""
+        args = ", ".join(f"{k}={v}" for k, v in p.items() if k not in _DEFAULTS or v != _DEFAULTS[k])
         lines.append(f"    {field}=PassLaunch({args}),  # {gain:.2f}x the default's time")
     lines.append(")")
     return "\n".join(lines)
@@ -247,6 +254,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     parser.add_argument("--shapes", nargs="+", default=None, help=f"BxNxC[:G] (default: {DEFAULT_SHAPES})")
     parser.add_argument("--rep", type=int, default=20, help="ms of timed calls per candidate (bench_kernels.bench_ms)")
+    parser.add_argument("--kernels", nargs="+", default=None, help="only these (names as bench_kernels.kernels())")
     parser.add_argument("--out", type=Path, default=None, help="also write the full sweep as JSON")
     parser.add_argument("--smoke", action="store_true", help="2-3 candidates per pass, tiny shapes (CPU interpreter)")
     args = parser.parse_args()
@@ -258,7 +266,7 @@ def main() -> None:
         if n % g or min(b, n, c, g) <= 0:
             sys.exit(f"bad shape {text!r}: want BxNxC[:G] with G dividing N")
     start = time.perf_counter()
-    report = tune(shapes, DTYPES[args.dtype], args.rep, args.smoke)
+    report = tune(shapes, DTYPES[args.dtype], args.rep, args.smoke, args.kernels)
     print()
     print(table(report))
     print()

@@ -157,6 +157,8 @@ class PassLaunch:
     - prefetch: norms whose row fits in registers: load the next row tile (x; backward also dy and the row
       stats) before reducing and storing the current one, so a load is in flight during the reductions.
       Costs the registers of one more tile (held in the input dtype). Elementwise kernels ignore it.
+    - max_registers: norms: a cap on registers per thread (Triton's maxnreg), None for the compiler's choice.
+      Left alone, ptxas may take so many that fewer programs fit on an SM than the grid wants there.
     """
 
     tile: int
@@ -165,6 +167,7 @@ class PassLaunch:
     num_stages: int
     programs_per_sm: int
     prefetch: bool = False
+    max_registers: int | None = None
 
 
 @dataclass(frozen=True)
@@ -183,20 +186,23 @@ class LaunchParams:
 
 
 # Tuned on an H200 (benchmarks/tune_kernels.py, bf16, shapes 2x24180x1152:13 and 32x256x1152, the geometric
-# mean of both): elementwise kernels in ~8-16-element-per-thread tiles; norm rows one per warp forward (row
-# reductions stay in the warp), RMSNorm forward and LayerNorm backward with the next row prefetched; backward
-# grids of a few programs per SM so that few fp32 partials are summed.
+# mean of both): elementwise kernels in ~8-16-element-per-thread tiles; norm rows one per warp (row
+# reductions stay in the warp; RMSNorm forward two rows per warp), the next row tile prefetched, the
+# LayerNorm forward capped at 160 registers so that 12 programs fit per SM; backward grids of a few
+# programs per SM so that few fp32 partials are summed.
 # The Triton 3.x pipeliner leaves these dot-free loops alone, so num_stages is 1. Re-tune on another GPU
 # and copy the suggestion here.
 LAUNCH = LaunchParams(
     modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
     modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
-    layernorm_modulate_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=16),
-    layernorm_modulate_bwd=PassLaunch(
-        tile=1024, block_c=4096, warp_elems=512, num_stages=1, programs_per_sm=5, prefetch=True
+    layernorm_modulate_fwd=PassLaunch(
+        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=12, prefetch=True, max_registers=160
     ),
-    rms_norm_fwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=32, prefetch=True),
-    rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8),
+    layernorm_modulate_bwd=PassLaunch(
+        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=7, prefetch=True
+    ),
+    rms_norm_fwd=PassLaunch(tile=2048, block_c=4096, warp_elems=2048, num_stages=1, programs_per_sm=24, prefetch=True),
+    rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8, prefetch=True),
     gate_residual_fwd=PassLaunch(tile=4096, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
     gate_residual_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
 )
@@ -437,6 +443,40 @@ def _row_stats(var, s, eps, inv_sqrt_eps):
 
 
 @triton.jit
+def _row_moments(x_h, x_t, x0, mask_t, s, C, CENTER: tl.constexpr, HAS_TAIL: tl.constexpr,
+                 SCALAR: tl.constexpr):  # fmt: skip
+    """Of a row held as head and tail (fp32, masked tail lanes zero), scaled by s: pivot (s * x[0] for
+    LayerNorm, 0 for RMSNorm), md = mean(s*x - pivot) (0 for RMSNorm), var = mean((s*x - pivot - md)^2)
+    (RMSNorm: mean((s*x)^2)), and the centred head and tail (tail lanes outside the row zero)."""
+    pivot = s * 0.0  # exact zeros (s > 0), shaped like the row values
+    md = pivot
+    if CENTER:
+        pivot = x0.to(tl.float32) * s
+        acc = _row_sum(x_h * _col(s, SCALAR) - _col(pivot, SCALAR), SCALAR)
+        if HAS_TAIL:
+            acc += _row_sum(tl.where(mask_t, x_t * _col(s, SCALAR) - _col(pivot, SCALAR), 0.0), SCALAR)
+        md = acc / C
+    d_h = _centred(x_h, s, pivot, md, SCALAR)
+    acc = _row_sum(d_h * d_h, SCALAR)
+    d_t = tl.where(mask_t, _centred(x_t, s, pivot, md, SCALAR), 0.0)
+    if HAS_TAIL:
+        acc += _row_sum(d_t * d_t, SCALAR)
+    return pivot, md, acc / C, d_h, d_t
+
+
+@triton.jit
+def _any_out_of_range(var, rmask, SCALAR: tl.constexpr):
+    """Whether a row of the tile (rows outside rmask aside) has a variance that is inf or nan (something
+    overflowed) or below 1e-18, where squares of the row's deviations may have lost bits to underflow
+    (a constant row included). Scaled by _pow2_row_scale first, such a row has neither problem. Above
+    1e-18 the unscaled row gives the scaled result: scaling by a power of two is exact."""
+    bad = (var < 1e-18) | (var > 1e38) | (var != var)
+    if not SCALAR:  # one row per tile: that row is always valid
+        bad = tl.max((bad & rmask).to(tl.int32), axis=0) > 0
+    return bad
+
+
+@triton.jit
 def _row_tile(base, r0, end, BLOCK_M: tl.constexpr):
     """Rows (int64) of the tile of group rows [r0, r0 + BLOCK_M) starting at row `base`, and which are < end."""
     local = r0 + tl.arange(0, BLOCK_M)
@@ -487,7 +527,8 @@ def _norm_fwd_kernel(
 ):
     """LayerNorm (CENTER) or RMSNorm, then optional affine and modulate, for program (group g, split).
 
-    Per row (s: power-of-two row scale, pivot = s * x[0] for LayerNorm, 0 for RMSNorm):
+    Per row (s: a power-of-two row scale, _pow2_row_scale; rows held in registers use s = 1 unless the
+    unscaled row over- or underflows, see _any_out_of_range; pivot = s * x[0] for LayerNorm, 0 for RMSNorm):
       md = mean(s*x - pivot), var = mean((s*x - pivot - md)^2)  (for RMSNorm: mean((s*x)^2)),
       r_s = rsqrt(var + eps * s^2), rstd = 1 / sqrt(var / s^2 + eps) (see _row_stats).
     stats (5, R) fp32 = (s, pivot, md, r_s, rstd) is saved for the backward.
@@ -580,24 +621,23 @@ def _norm_fwd_kernel(
                 )
             x_h = x_h.to(tl.float32)
             x_t = x_t.to(tl.float32)
-            absmax = _row_max(tl.abs(x_h), SCALAR)
-            if HAS_TAIL:
-                absmax = tl.maximum(absmax, _row_max(tl.abs(x_t), SCALAR))
-            s = _pow2_row_scale(absmax)
-            pivot = s * 0.0  # exact zeros (s > 0), shaped like the row values
-            md = pivot
-            if CENTER:
-                pivot = x0.to(tl.float32) * s
-                acc = _row_sum(x_h * _col(s, SCALAR) - _col(pivot, SCALAR), SCALAR)
+            # First the row as it is (s = 1): one row reduction fewer than scaling it first. Only a tile
+            # with a row whose variance says that something overflowed or underflowed is redone scaled.
+            s = _as_rows(tl.full([BLOCK_M], 1.0, tl.float32), SCALAR)
+            pivot, md, var, d_h, d_t = _row_moments(x_h, x_t, x0, mask_t, s, C, CENTER, HAS_TAIL, SCALAR)
+            if _any_out_of_range(var, rmask, SCALAR):
+                # Reloaded (from cache) rather than kept: registers held across the row are occupancy lost.
+                x_h, x_t, x0 = _load_norm_rows(
+                    x_ptr, row_offs, rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C, SCALAR
+                )
+                x_h = x_h.to(tl.float32)
+                x_t = x_t.to(tl.float32)
+                absmax = _row_max(tl.abs(x_h), SCALAR)
                 if HAS_TAIL:
-                    acc += _row_sum(tl.where(mask_t, x_t * _col(s, SCALAR) - _col(pivot, SCALAR), 0.0), SCALAR)
-                md = acc / C
-            d_h = _centred(x_h, s, pivot, md, SCALAR)
-            acc = _row_sum(d_h * d_h, SCALAR)
-            d_t = tl.where(mask_t, _centred(x_t, s, pivot, md, SCALAR), 0.0)
-            if HAS_TAIL:
-                acc += _row_sum(d_t * d_t, SCALAR)
-            r_s, rstd = _row_stats(acc / C, s, eps, inv_sqrt_eps)
+                    absmax = tl.maximum(absmax, _row_max(tl.abs(x_t), SCALAR))
+                s = _pow2_row_scale(absmax)
+                pivot, md, var, d_h, d_t = _row_moments(x_h, x_t, x0, mask_t, s, C, CENTER, HAS_TAIL, SCALAR)
+            r_s, rstd = _row_stats(var, s, eps, inv_sqrt_eps)
             z_h = _affine_modulate(d_h * _col(r_s, SCALAR), w_h, b_h, sc_h, sh_h, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
             tl.store(y_ptr + row_offs[:, None] + head[None, :], z_h.to(y_ptr.dtype.element_ty), mask=mask_h)
             if HAS_TAIL:
@@ -1080,6 +1120,7 @@ def _launch_norm_fwd(
         CENTER=center, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=scale is not None,
         CHUNKED=blocks.chunked, **_tail_flags(blocks), PREFETCH=params.prefetch and not blocks.chunked,
         BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        maxnreg=params.max_registers,
     )  # fmt: skip
     return y, stats
 
@@ -1095,7 +1136,7 @@ def _launch_norm_bwd(
         return dx, torch.zeros((4, n_groups, 1, channels), dtype=torch.float32, device=x2d.device)
     blocks = norm_blocks(params, channels, group_len)
     flags = dict(HAS_WEIGHT=weight is not None, HAS_MOD=scale is not None, BLOCK_M=blocks.block_m)
-    launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages, maxnreg=params.max_registers)
     w = x2d if weight is None else weight
     sc = x2d if scale is None else scale
     n_col_blocks = triton.cdiv(channels, blocks.block_c) if blocks.chunked else 1
@@ -1226,8 +1267,10 @@ _layernorm_modulate_op = _custom_op("layernorm_modulate", _layernorm_modulate_im
 
 def _layernorm_modulate_backward_impl(
     dy: Tensor, x: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, stats: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """dx, and fp32 dshift, dscale (B, G, C), dweight, dbias (C,) (empty where weight / bias is None)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dx, the fp32 (dshift, dscale) stacked as (2, B, G, C) (one output: split into two, they would need a
+    copy, since the outputs of a custom op may not alias), and fp32 dweight, dbias (C,) (empty where weight /
+    bias is None)."""
     batch, tokens, channels = x.shape
     dx, part = _launch_norm_bwd(
         dy.contiguous().reshape(-1, channels),
@@ -1241,13 +1284,13 @@ def _layernorm_modulate_backward_impl(
         LAUNCH.layernorm_modulate_bwd,
     )
     # One reduction launch for the modulation planes and one for the affine planes present.
-    mod_sums = _planes(part[:2].sum(dim=2))
+    mod_sums = part[:2].sum(dim=2)
     affine = [i for i, t in ((2, weight), (3, bias)) if t is not None]
     affine_sums = _planes(part[affine[0] : affine[-1] + 1].sum(dim=(1, 2))) if affine else None
     # An absent weight or bias gets its own empty tensor: outputs of a custom op may not alias each other.
     dw = affine_sums[0] if weight is not None else x.new_empty(0, dtype=torch.float32)
     db = affine_sums[-1] if bias is not None else x.new_empty(0, dtype=torch.float32)
-    return dx.reshape(x.shape), mod_sums[0].reshape(scale.shape), mod_sums[1].reshape(scale.shape), dw, db
+    return dx.reshape(x.shape), mod_sums.reshape(2, *scale.shape), dw, db
 
 
 _layernorm_modulate_backward_op = triton_op("videosys::layernorm_modulate_backward", mutates_args=())(
@@ -1264,13 +1307,13 @@ def _layernorm_modulate_setup(ctx, inputs, output):
 
 def _layernorm_modulate_backward(ctx, dy, _dstats):
     x, scale, weight, bias, stats = ctx.saved_tensors
-    dx, dshift, dscale, dw, db = _traced_or_eager(
-        _layernorm_modulate_backward_op, _layernorm_modulate_backward_impl, dy
-    )(dy, x, scale, weight, bias, stats)
+    dx, dmod, dw, db = _traced_or_eager(_layernorm_modulate_backward_op, _layernorm_modulate_backward_impl, dy)(
+        dy, x, scale, weight, bias, stats
+    )
     return (
         dx,
-        dshift.to(ctx.shift_dtype),
-        dscale.to(scale.dtype),
+        dmod[0].to(ctx.shift_dtype),
+        dmod[1].to(scale.dtype),
         None if weight is None else dw.to(weight.dtype),
         None if bias is None else db.to(bias.dtype),
         None,
