@@ -382,7 +382,7 @@ def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
     kernel, by whichever program finishes last, in split order: repeated calls give bit-identical sums,
     equal to the float64 sums over the tokens. Many splits per group (a few programs per SM on a GPU, two
     rows per split in the interpreter) so that programs finish in varying order. The LayerNorm backward's
-    sums (a torch reduction of the kernel's partials) are checked the same way."""
+    sums (its partials summed by _sum_partials) are checked the same way."""
     shape, groups, repeats = ((2, 6144, 1152), 3, 20) if device == "cuda" else ((2, 24, 40), 3, 2)
     if device == "cpu":
         tiny = PassLaunch(tile=32, block_c=16, warp_elems=32, num_stages=1, programs_per_sm=64)
@@ -412,6 +412,23 @@ def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
         torch.testing.assert_close(first[0].double(), dshift_exact, rtol=1e-5, atol=1e-4)
         if name in dscale_exact:
             torch.testing.assert_close(first[1].double(), dscale_exact[name], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "shape, sub",
+    [((3, 5, 50), 8), ((3, 37, 50), 8), ((1, 1000, 40), 4), ((2, 64, 33), 64)],
+    ids=["one-chunk", "two-level", "long-chunks", "full-tile"],
+)
+def test_sum_of_partials_is_exact_and_deterministic(shape, sub, device):
+    """The norms' sums over their fp32 partials (_sum_partials): equal to float64 sums; with several chunks
+    (two-level, and chunks of many sub-tiles when the splits outnumber sub * sub) bit-identical on repeats,
+    whichever program finishes last."""
+    part = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device)
+    first = fused._sum_partials(part, sub=sub, block_c=16)
+    torch.testing.assert_close(first.double(), part.double().sum(1), rtol=1e-5, atol=1e-5)
+    for _ in range(3):
+        assert torch.equal(fused._sum_partials(part, sub=sub, block_c=16), first)
 
 
 @pytest.mark.parametrize("device", DEVICES)
