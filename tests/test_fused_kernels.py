@@ -382,7 +382,8 @@ def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
     kernel, by whichever program finishes last, in split order: repeated calls give bit-identical sums,
     equal to the float64 sums over the tokens. Many splits per group (a few programs per SM on a GPU, two
     rows per split in the interpreter) so that programs finish in varying order. The LayerNorm backward's
-    sums (its partials summed by _sum_partials) are checked the same way."""
+    sums (its partials summed by _sum_partials; dscale against the float64 LayerNorm) are checked the same
+    way."""
     shape, groups, repeats = ((2, 6144, 1152), 3, 20) if device == "cuda" else ((2, 24, 40), 3, 2)
     if device == "cpu":
         tiny = PassLaunch(tile=32, block_c=16, warp_elems=32, num_stages=1, programs_per_sm=64)
@@ -404,14 +405,17 @@ def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
     }
     grouped = lambda t: t.double().reshape(shape[0], groups, -1, shape[2])  # noqa: E731
     dshift_exact = grouped(dy).sum(2)
-    dscale_exact = {"modulate": (grouped(dy) * grouped(x)).sum(2)}
+    normalised = torch.nn.functional.layer_norm(x.double(), (shape[2],), eps=1e-6)
+    dscale_exact = {
+        "modulate": (grouped(dy) * grouped(x)).sum(2),
+        "layernorm_modulate": (grouped(dy) * grouped(normalised)).sum(2),
+    }
     for name, run in runs.items():
         first = run()
         for _ in range(repeats):
             assert all(torch.equal(a, b) for a, b in zip(run(), first, strict=True)), name
         torch.testing.assert_close(first[0].double(), dshift_exact, rtol=1e-5, atol=1e-4)
-        if name in dscale_exact:
-            torch.testing.assert_close(first[1].double(), dscale_exact[name], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(first[1].double(), dscale_exact[name], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -424,6 +428,10 @@ def test_sum_of_partials_is_exact_and_deterministic(shape, sub, device):
     """The norms' sums over their fp32 partials (_sum_partials): equal to float64 sums; with several chunks
     (two-level, and chunks of many sub-tiles when the splits outnumber sub * sub) bit-identical on repeats,
     whichever program finishes last."""
+    rows_per_chunk, n_chunks = fused.partial_chunks(shape[1], sub)
+    # Each case takes the path its name says: two levels past sub splits, longer chunks past sub * sub.
+    assert (n_chunks > 1) == (shape[1] > sub), n_chunks
+    assert (rows_per_chunk > sub) == (shape[1] > sub * sub), rows_per_chunk
     part = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device)
     first = fused._sum_partials(part, sub=sub, block_c=16)
     torch.testing.assert_close(first.double(), part.double().sum(1), rtol=1e-5, atol=1e-5)

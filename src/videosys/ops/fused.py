@@ -1126,17 +1126,22 @@ def _launch_scale_bwd(
     return dx, dm, dadd
 
 
+def partial_chunks(n_splits: int, sub: int) -> tuple[int, int]:
+    """(rows_per_chunk, n_chunks) of _sum_partials over n_splits: chunks of a multiple of `sub` splits, at
+    most `sub` chunks (the second level sums them as one [sub, block_c] tile)."""
+    rows_per_chunk = sub * max(1, triton.cdiv(triton.cdiv(n_splits, sub), sub))
+    return rows_per_chunk, triton.cdiv(n_splits, rows_per_chunk)
+
+
 def _sum_partials(part: Tensor, sub: int = 64, block_c: int = 32) -> Tensor:
     """(R, S, C) fp32 partial sums (contiguous) -> their (R, C) sums over S, in one launch (see
-    _sum_partials_kernel): on an H200 a torch reduction of the norm backwards' partials took 1.6-2.5 us
-    more, and for S in the thousands also a memset launch. Chunks of a multiple of `sub` splits, at most
-    `sub` chunks."""
+    _sum_partials_kernel and partial_chunks): on an H200 a torch reduction of the norm backwards' partials
+    took 1.6-2.5 us more, and for S in the thousands also a memset launch."""
     rows, n_splits, channels = part.shape
     out = torch.empty((rows, channels), dtype=torch.float32, device=part.device)
     if out.numel() == 0 or n_splits == 0:
         return out.zero_()
-    rows_per_chunk = sub * max(1, triton.cdiv(triton.cdiv(n_splits, sub), sub))
-    n_chunks = triton.cdiv(n_splits, rows_per_chunk)
+    rows_per_chunk, n_chunks = partial_chunks(n_splits, sub)
     n_col_blocks = triton.cdiv(channels, block_c)
     two_level = n_chunks > 1
     chunks, counts = out, out  # placeholders, never touched with one level
@@ -1338,10 +1343,13 @@ def _layernorm_modulate_backward_impl(
         True,
         LAUNCH.layernorm_modulate_bwd,
     )
-    # One reduction launch for the modulation planes and one for the affine planes present.
+    # One reduction launch for the modulation planes (over each group's splits) and one for the affine planes
+    # present (over every group's splits).
     mod_sums = _sum_partials(part[:2].reshape(-1, *part.shape[2:]))  # (2 * n_groups, C)
     affine = [i for i, t in ((2, weight), (3, bias)) if t is not None]
-    affine_sums = _planes(part[affine[0] : affine[-1] + 1].sum(dim=(1, 2))) if affine else None
+    if affine:
+        affine_part = part[affine[0] : affine[-1] + 1]
+        affine_sums = _planes(_sum_partials(affine_part.reshape(len(affine_part), -1, channels)))
     # An absent weight or bias gets its own empty tensor: outputs of a custom op may not alias each other.
     dw = affine_sums[0] if weight is not None else x.new_empty(0, dtype=torch.float32)
     db = affine_sums[-1] if bias is not None else x.new_empty(0, dtype=torch.float32)
