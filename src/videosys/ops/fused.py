@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
         "Triton is not installed; pip install triton, or set the kernels.fused_* switches to false"
     ) from exc
+try:  # grid dependency control, for programmatic dependent launches (Triton 3.4+)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton: kernels launch one after the other
+    gdc_launch_dependents = gdc_wait = None
 
 __all__ = [
     "LAUNCH",
@@ -188,23 +193,24 @@ class LaunchParams:
 # Tuned on an H200 (benchmarks/tune_kernels.py, bf16, shapes 2x24180x1152:13 and 32x256x1152, the geometric
 # mean of both): elementwise kernels in ~8-16-element-per-thread tiles; norm rows one per warp (row
 # reductions stay in the warp; RMSNorm forward two rows per warp), the next row tile prefetched, the
-# LayerNorm forward capped at 160 registers so that 12 programs fit per SM; backward grids of a few
-# programs per SM so that few fp32 partials are summed.
+# LayerNorm forward capped at 160 registers so that 12 programs fit per SM; backward grids of as many
+# one-warp programs as fit per SM (8 at ~250 registers; _splits keeps the grid within that, so no program
+# waits for a second wave), their fp32 partials summed by a PDL dependent (see _dependent_launch).
 # The Triton 3.x pipeliner leaves these dot-free loops alone, so num_stages is 1. Re-tune on another GPU
 # and copy the suggestion here.
 LAUNCH = LaunchParams(
     modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
-    modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
+    modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=6),
     layernorm_modulate_fwd=PassLaunch(
         tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=12, prefetch=True, max_registers=160
     ),
     layernorm_modulate_bwd=PassLaunch(
-        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=7, prefetch=True
+        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8, prefetch=True
     ),
     rms_norm_fwd=PassLaunch(tile=2048, block_c=4096, warp_elems=2048, num_stages=1, programs_per_sm=24, prefetch=True),
     rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8, prefetch=True),
     gate_residual_fwd=PassLaunch(tile=4096, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
-    gate_residual_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=4),
+    gate_residual_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=6),
 )
 
 
@@ -816,6 +822,7 @@ def _norm_bwd_kernel(
     TAIL_C: tl.constexpr,
     ACC_ROWS: tl.constexpr,
     TAIL_ACC_ROWS: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """Backward of the norm kernel for program (group g, split, column block), one pass over x and dy:
       dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))   (no mean(dxhat) term for RMSNorm)
@@ -824,8 +831,11 @@ def _norm_bwd_kernel(
     Unless CHUNKED a row is a head of BLOCK_C columns plus, with HAS_TAIL, a masked tail of TAIL_C (as in
     the forward) and the row means are computed here; CHUNKED: the column block is a chunk of BLOCK_C and
     rowsum holds the row means. PREFETCH (not with CHUNKED): the next row tile's x, dy and stats are loaded
-    before the current tile's row sums, dx and column sums."""
+    before the current tile's row sums, dx and column sums. LAUNCH_DEPENDENTS: let the partials' sum, a
+    programmatic dependent (see _dependent_launch), launch now; it waits for this kernel to finish."""
     SCALAR: tl.constexpr = BLOCK_M == 1 and not CHUNKED  # one row per tile: its values as scalars (see _row_sum)
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()
     g = tl.program_id(0)
     split = tl.program_id(1)
     start, end = _split_rows(split, rows_per_split, group_len)
@@ -947,12 +957,17 @@ def _store_partials(part_ptr, plane, offs, cmask, acc_shift, acc_scale, acc_w, a
 
 @triton.jit
 def _sum_partials_kernel(part_ptr, chunk_ptr, count_ptr, out_ptr, n_splits, rows_per_chunk, n_chunks, C,
-                         TWO_LEVEL: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                         TWO_LEVEL: tl.constexpr, SUB: tl.constexpr, BLOCK_C: tl.constexpr,
+                         DEPENDENT: tl.constexpr):  # fmt: skip
     """out[r] = the sum over s of part[r, s] (part (R, n_splits, C) fp32 -> out (R, C)) for program (r, chunk k,
     column block): the chunk's splits [k * rows_per_chunk, ...) are summed SUB at a time as [SUB, BLOCK_C]
     tiles, so many programs share the reads. TWO_LEVEL (n_chunks > 1, at most SUB): each chunk's sum goes to
     chunk[r, k], and the last program of the (r, column block) to finish (see _last_of_group) sums those as
-    one tile. Every sum has a fixed order: the result does not depend on which program finished last."""
+    one tile. Every sum has a fixed order: the result does not depend on which program finished last.
+    DEPENDENT: launched as a programmatic dependent of the kernel that writes `part` (see _sum_partials): wait
+    until that kernel has finished and its writes are visible."""
+    if DEPENDENT:
+        gdc_wait()
     r = tl.program_id(0).to(tl.int64)
     k = tl.program_id(1)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -1062,9 +1077,10 @@ def _splits(
     group_len: int, n_groups: int, n_col_blocks: int, blocks: _Blocks, params: PassLaunch, device: torch.device
 ) -> tuple[int, int]:
     """(n_splits, rows_per_split): each group's rows are cut into splits of whole BLOCK_M tiles, enough that
-    the grid has about programs_per_sm programs per SM, at least one tile each."""
+    the grid has up to programs_per_sm programs per SM (not more: where that is as many as fit, a few more
+    would run as a second wave, after the rest), at least one split per group and one tile per split."""
     programs = params.programs_per_sm * _sm_count(device.type, device.index)
-    want = min(triton.cdiv(programs, n_groups * n_col_blocks), 65535)  # a grid's second dim is < 2^16
+    want = max(1, min(programs // (n_groups * n_col_blocks), 65535))  # a grid's second dim is < 2^16
     splits = max(1, min(triton.cdiv(group_len, blocks.block_m), want))
     rows_per_split = triton.cdiv(triton.cdiv(group_len, splits), blocks.block_m) * blocks.block_m
     return triton.cdiv(group_len, rows_per_split), rows_per_split
@@ -1148,11 +1164,31 @@ def _sum_partials(part: Tensor, sub: int = 64, block_c: int = 32) -> Tensor:
     if two_level:
         chunks = torch.empty((rows, n_chunks, channels), dtype=torch.float32, device=part.device)
         counts = torch.zeros(rows * n_col_blocks, dtype=torch.int32, device=part.device)  # see _last_of_group
+    dependent = {"launch_pdl": True} if _dependent_launch(part) else {}
     _launch(_sum_partials_kernel, part)[(rows, n_chunks, n_col_blocks)](
         part, chunks, counts, out, n_splits, rows_per_chunk, n_chunks, channels,
-        TWO_LEVEL=two_level, SUB=sub, BLOCK_C=block_c, num_warps=4,
+        TWO_LEVEL=two_level, SUB=sub, BLOCK_C=block_c, DEPENDENT=bool(dependent), num_warps=4, **dependent,
     )  # fmt: skip
     return out
+
+
+@functools.cache
+def _hopper_or_newer(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def _dependent_launch(probe: Tensor) -> bool:
+    """Whether a kernel that reads what the previous kernel on probe's stream wrote may be launched as its
+    programmatic dependent (CUDA's PDL: its programs start while that kernel's last ones still run, and wait
+    in gdc_wait): compiled kernels on Hopper or newer, not while torch.compile traces (it launches them
+    itself) nor under the Triton interpreter. It saves the ~2 us launch gap between the two kernels."""
+    return (
+        gdc_wait is not None
+        and probe.is_cuda
+        and not _tracing(probe)
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        and _hopper_or_newer(probe.device.index)
+    )
 
 
 def _tail_flags(blocks: _Blocks) -> dict:
@@ -1217,7 +1253,8 @@ def _launch_norm_bwd(
         CENTER=center, HAS_BIAS=bias is not None, CHUNKED=blocks.chunked, **_tail_flags(blocks),
         PREFETCH=params.prefetch and not blocks.chunked, **flags,
         BLOCK_C=blocks.block_c, ACC_ROWS=blocks.acc_rows(blocks.block_c, esize),
-        TAIL_ACC_ROWS=blocks.acc_rows(max(1, blocks.tail_c), esize), **launch,
+        TAIL_ACC_ROWS=blocks.acc_rows(max(1, blocks.tail_c), esize), LAUNCH_DEPENDENTS=_dependent_launch(x2d),
+        **launch,
     )  # fmt: skip
     return dx, part
 
