@@ -238,21 +238,18 @@ def smoke() -> None:
 
 def copy_bandwidth(dtype: torch.dtype) -> float:
     """Device-to-device copy, bytes read + written per second, on 1 GiB buffers, timed like the kernels."""
-    numel = (1 << 30) // torch.empty((), dtype=dtype).element_size()
-    src = torch.empty(numel, device="cuda", dtype=dtype).normal_()
-    dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), rep=500)
-    return 2 * numel * torch.empty((), dtype=dtype).element_size() / (ms * 1e-3)
+    nbytes = 2 << 30
+    return nbytes / (same_size_copy_ms(nbytes, dtype, rep=500) * 1e-3)
 
 
-def same_size_copy_ms(nbytes: int, dtype: torch.dtype) -> float:
+def same_size_copy_ms(nbytes: int, dtype: torch.dtype, rep: int = 200) -> float:
     """GPU ms of a device-to-device copy that moves nbytes (nbytes / 2 read, as much written), timed like the
     kernels. Beside the 1 GiB copy's bandwidth: at a pass's own size the copy pays the same fixed costs
     (launch, ramp-up, tail of the last wave), which are a few percent of a ~0.1 ms pass."""
     numel = max(1, nbytes // 2 // torch.empty((), dtype=dtype).element_size())
     src = torch.empty(numel, device="cuda", dtype=dtype).normal_()
     dst = torch.empty_like(src)
-    return bench_ms(lambda: dst.copy_(src), rep=200)
+    return bench_ms(lambda: dst.copy_(src), rep=rep)
 
 
 def bench_one(fn, inputs, grad) -> tuple[float, float]:

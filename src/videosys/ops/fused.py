@@ -477,7 +477,7 @@ def _any_out_of_range(var, rmask, SCALAR: tl.constexpr):
     (a constant row included). Scaled by _pow2_row_scale first, such a row has neither problem. Above
     1e-18 the unscaled row gives the scaled result: scaling by a power of two is exact."""
     bad = (var < 1e-18) | (var > 1e38) | (var != var)
-    if not SCALAR:  # one row per tile: that row is always valid
+    if not SCALAR:  # (SCALAR: the tile's one row is always valid, so no mask and no reduction)
         bad = tl.max((bad & rmask).to(tl.int32), axis=0) > 0
     return bad
 
@@ -1173,22 +1173,23 @@ def _sum_partials(part: Tensor, sub: int = 64, block_c: int = 32) -> Tensor:
 
 
 @functools.cache
-def _hopper_or_newer(index: int | None) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+def _pdl_capable(device_type: str, index: int | None) -> bool:
+    """Compiled kernels (a Triton with grid dependency control, not its interpreter, which Triton itself
+    decides once, at import) on a Hopper or newer GPU."""
+    return (
+        device_type == "cuda"
+        and gdc_wait is not None
+        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        and torch.cuda.get_device_capability(index) >= (9, 0)
+    )
 
 
 def _dependent_launch(probe: Tensor) -> bool:
     """Whether a kernel that reads what the previous kernel on probe's stream wrote may be launched as its
     programmatic dependent (CUDA's PDL: its programs start while that kernel's last ones still run, and wait
-    in gdc_wait): compiled kernels on Hopper or newer, not while torch.compile traces (it launches them
-    itself) nor under the Triton interpreter. It saves the ~2 us launch gap between the two kernels."""
-    return (
-        gdc_wait is not None
-        and probe.is_cuda
-        and not _tracing(probe)
-        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
-        and _hopper_or_newer(probe.device.index)
-    )
+    in gdc_wait): where _pdl_capable, and not while torch.compile traces (it launches the kernels itself).
+    It saves the ~2 us launch gap between the two kernels."""
+    return _pdl_capable(probe.device.type, probe.device.index) and not _tracing(probe)
 
 
 def _tail_flags(blocks: _Blocks) -> dict:
