@@ -3,7 +3,8 @@ head dim as is and zero-padded, and what `kernels.attention=auto` picks for each
 
 FLOPs count the real head dim (4 * B * H * Nq * Nk * D forward; backward 2.5x forward), so a padded
 run is charged only for useful work. Every backend's output is checked against the fp32 math
-reference before it is timed.
+reference before it is timed; a backend that fits inference but not training (no backward, or
+gradients that failed its probe, see attention.probe_failure) is timed forward only.
 
     python benchmarks/bench_attention.py --out bench_attention.json
 """
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="bench_attention.json")
+    parser.add_argument("--backends", default=",".join(BACKENDS), help="a comma-separated subset of these")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -79,11 +81,11 @@ def main() -> None:
         fwd_flops = 4 * batch * heads * nq * nk * dim
         (q, k, v), mask = inputs(shape, dtype, device, grad=False)
         reference = math_attention(q, k, v, mask).float() if nq * nk * batch * heads <= 2**31 else None
-        for name in BACKENDS:
+        for name in args.backends.split(","):
             backend = ATTENTION_BACKENDS[name]
             for padded in [None, *[d for d in (80, 96, 128) if d > dim and dim % 64]]:
                 run_dim = padded or dim
-                reason = backend.unsupported_reason(device, dtype, run_dim, masked, backward=True)
+                reason = backend.unsupported_reason(device, dtype, run_dim, masked, backward=False)
                 row = {"model": model, "attention": kind, "backend": name, "head_dim": dim, "run_head_dim": run_dim}
                 row.update(batch=batch, heads=heads, q_tokens=nq, k_tokens=nk, masked=masked)
                 if reason is None and name == "math" and reference is None:
@@ -91,6 +93,8 @@ def main() -> None:
                 if reason is not None:
                     rows.append({**row, "skipped": reason})
                     continue
+                # A backend may fit inference but not training (no backward, or a probe's wrong gradients).
+                no_backward = backend.unsupported_reason(device, dtype, run_dim, masked, backward=True)
                 choice = AttentionChoice(backend, padded)
                 try:
                     with torch.no_grad():
@@ -98,13 +102,17 @@ def main() -> None:
                         if reference is not None:
                             row["relative_error"] = ((out.float() - reference).norm() / reference.norm()).item()
                         fwd_ms = bench_ms(lambda c=choice, q=q, k=k, v=v, mask=mask: c(q, k, v, mask), args.reps)
-                    (qg, kg, vg), _ = inputs(shape, dtype, device, grad=True)
-                    grad_out = torch.randn_like(out)
+                    train_ms = float("nan")
+                    if no_backward is None:
+                        (qg, kg, vg), _ = inputs(shape, dtype, device, grad=True)
+                        grad_out = torch.randn_like(out)
 
-                    def step(c=choice, qg=qg, kg=kg, vg=vg, mask=mask, grad_out=grad_out):
-                        c(qg, kg, vg, mask).backward(grad_out)
+                        def step(c=choice, qg=qg, kg=kg, vg=vg, mask=mask, grad_out=grad_out):
+                            c(qg, kg, vg, mask).backward(grad_out)
 
-                    train_ms = bench_ms(step, args.reps)
+                        train_ms = bench_ms(step, args.reps)
+                    else:
+                        row["fwd_bwd_skipped"] = no_backward
                 except RuntimeError as err:
                     rows.append({**row, "skipped": str(err).splitlines()[0]})
                     continue
@@ -135,6 +143,7 @@ def main() -> None:
             print(
                 f"{r['model']:14} {r['attention']:9} {r['backend']:11} {r['run_head_dim']:4d} "
                 f"{r['fwd_tflops']:9.1f} {r['fwd_bwd_tflops']:9.1f} {r.get('relative_error', float('nan')):9.1e}"
+                + (f"  fwd+bwd skipped: {r['fwd_bwd_skipped']}" if "fwd_bwd_skipped" in r else "")
             )
         elif "skipped" in r and r["run_head_dim"] == r["head_dim"]:
             print(

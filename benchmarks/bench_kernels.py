@@ -85,7 +85,7 @@ def kernels(b: int, n: int, c: int, g: int, dtype: torch.dtype, device: str) -> 
     the function's inputs and writes its output; backward reads the incoming gradient and what the
     gradients need (x or h, the modulation scale or gate, the weight) and writes each input's gradient (the
     residual's gradient is the incoming gradient itself, so it moves nothing). The per-row statistics the
-    norms save (20 bytes per row) and the fp32 partial sums are not counted."""
+    norms save (a 32-byte record per row) and the fp32 partial sums are not counted."""
     e = torch.empty((), dtype=dtype).element_size()
     big, mod, vec = b * n * c * e, b * g * c * e, c * e
 

@@ -13,7 +13,7 @@ At the end it prints one markdown table (per shape, kernel and pass: the best ca
 fraction of copy bandwidth, and the default's) and the PassLaunch per pass that is fastest over all shapes
 (geometric mean of time relative to the default), ready to paste into fused.LAUNCH.
 
-    python benchmarks/tune_kernels.py                                  # ~2-4 minutes on an H100 / H200
+    python benchmarks/tune_kernels.py                                  # ~5-8 minutes on an H100 / H200
     python benchmarks/tune_kernels.py --shapes 2x24180x1152:13 --rep 50 --out tune.json
     TRITON_INTERPRET=1 python benchmarks/tune_kernels.py --smoke       # CPU: 2-3 candidates, tiny shapes
 """
@@ -58,9 +58,14 @@ def _grid(pairs, block_cs, programs, stages=(1,), **options) -> list[PassLaunch]
 
 
 def candidates(family: str) -> list[PassLaunch]:
-    """The grid of one kernel family and pass (~20-40 each; at C = 1152 the tile sizes and warp counts
-    below cover 1-32 rows per tile and 1-8 warps). Norms also with the next row tile prefetched, for the
-    tiles of at most a few rows where it fits in registers, and the forward with a register cap."""
+    """The grid of one kernel family and pass (~40-80 each; at C = 1152 the tile sizes and warp counts
+    below cover 1-32 rows per tile and 1-8 warps), each with a group's row tiles in contiguous runs per
+    split and interleaved across its splits. Norms also with the next row tile prefetched, for the tiles
+    of at most a few rows where it fits in registers, and the forward with a register cap."""
+    return [dataclasses.replace(p, interleave=i) for p in _family_grid(family) for i in (False, True)]
+
+
+def _family_grid(family: str) -> list[PassLaunch]:
     if family == "elementwise_fwd":
         pairs = [(1024, 256), (2048, 512), (2048, 256), (4096, 1024), (4096, 512), (8192, 1024)]
         return _grid(pairs, (128, 256), (16, 64))

@@ -244,6 +244,14 @@ LAUNCH_VARIANTS = {
     ),
     # Prefetch is ignored where rows are chunked.
     "prefetch-chunked": PassLaunch(tile=128, block_c=64, warp_elems=64, num_stages=1, programs_per_sm=1, prefetch=True),
+    # A group's tiles dealt to its splits in turn: 2 splits per group of 7 rows (norms: 2-row tiles with the
+    # next one prefetched, the last tile partial; elementwise: 1-row tiles), and chunked norm rows.
+    "interleaved": PassLaunch(
+        tile=128, block_c=128, warp_elems=64, num_stages=1, programs_per_sm=16, prefetch=True, interleave=True
+    ),
+    "interleaved-chunked": PassLaunch(
+        tile=128, block_c=64, warp_elems=64, num_stages=1, programs_per_sm=16, interleave=True
+    ),
 }
 
 

@@ -62,6 +62,65 @@ def test_named_backends_that_cannot_run_stop_with_the_reason():
     assert no_backward.unsupported_reason(torch.device("cpu"), torch.float32, 64, backward=False) is None
 
 
+def test_a_probed_backend_with_wrong_gradients_serves_inference_only(caplog, monkeypatch):
+    """A backend declared probe=True (flash_attn: an external package) is checked against fp32 math on a
+    small call at each head dim before use. One whose k gradient is wrong still runs inference; a named
+    request for training stops with the reason, and auto leaves it out of training calls."""
+
+    def no_k_grad(q, k, v, mask=None, scale=None):
+        return math_attention(q, k.detach(), v, mask, scale)
+
+    broken = AttentionBackend("no_k_grad", no_k_grad, ("cpu",), (torch.float32,), "test", probe=True)
+    cpu = torch.device("cpu")
+    reason = broken.unsupported_reason(cpu, torch.float32, 16, backward=True)
+    assert reason == "its dk at head dim 16 differ from the fp32 reference on a probe call (relative error 1)"
+    assert broken.unsupported_reason(cpu, torch.float32, 16, backward=False) is None
+    monkeypatch.setitem(ATTENTION_BACKENDS, "no_k_grad", broken)
+    build_attention("no_k_grad", "off", cpu, torch.float32, {16}, False, training=False)
+    with pytest.raises(ConfigError, match="kernels.attention='no_k_grad' cannot run this model's attention: its dk"):
+        build_attention("no_k_grad", "off", cpu, torch.float32, {16}, False, training=True)
+    selector = AttentionSelector([broken, ATTENTION_BACKENDS["math"]], "off", measure_iters=1)
+    q, k, v = _qkv(dim=16, grad=True)
+    with caplog.at_level(logging.INFO, logger="videosys.ops.attention"):
+        out = selector(q, k, v)
+    ((_, choice),) = selector.choices.items()
+    assert choice.backend.name == "math" and "not fitting: no_k_grad: its dk at head dim 16" in caplog.text
+    expected = math_attention(q, k, v)
+    got, want = (torch.autograd.grad(o, (q, k, v), torch.ones_like(o)) for o in (out, expected))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+@pytest.mark.parametrize("name", [name for name in ATTENTION_BACKENDS if name != "math"])
+def test_each_backend_equals_the_fp32_reference_on_gpu(name, head_dim, backward):
+    """Every backend that declares it fits a bf16 call on this GPU (forward, or forward and backward),
+    against fp32 math attention on the same rounded inputs (~1e-2 relative for bf16). A backend this
+    install cannot run for the call (not installed, no backward, a failed probe) is skipped with its reason."""
+    reason = ATTENTION_BACKENDS[name].unsupported_reason(CUDA, torch.bfloat16, head_dim, backward=backward)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(0)
+    # (B, N, H, D) memory viewed as (B, H, N, D), as the attention modules hand it over
+    inputs = [torch.randn(2, 300, 4, head_dim, device=CUDA).transpose(1, 2).to(torch.bfloat16) for _ in range(3)]
+    low = [t.clone().requires_grad_(backward) for t in inputs]
+    full = [t.float().requires_grad_(backward) for t in inputs]
+    with torch.set_grad_enabled(backward):
+        out = ATTENTION_BACKENDS[name].fn(*low)
+        expected = math_attention(*full)
+    assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+    assert relative_error(out.float(), expected) < 1e-2
+    if backward:
+        grad = torch.randn(expected.shape, device=CUDA)
+        got = torch.autograd.grad(out, low, grad.to(torch.bfloat16))
+        want = torch.autograd.grad(expected, full, grad)
+        for g, w in zip(got, want, strict=True):
+            assert relative_error(g.float(), w) < 2e-2
+
+
 def test_head_dim_padding_settings_are_checked():
     with pytest.raises(ConfigError, match="kernels.pad_head_dim='wide' is not valid"):
         build_attention("sdpa", "wide", torch.device("cpu"), torch.float32, {72}, False, True)

@@ -15,7 +15,8 @@ is measured in the same way.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib
 import logging
 import math
 import time
@@ -58,26 +59,45 @@ def _sdpa_with(kernel: SDPBackend) -> Callable[..., torch.Tensor]:
     return attention
 
 
-def _flash_attn_module():
-    """The installed flash-attn package's entry module: v3 (flash_attn_interface) before v2."""
-    for name in ("flash_attn_interface", "flash_attn"):
-        if importlib.util.find_spec(name) is not None:
-            return importlib.import_module(name)
-    return None
+# The flash-attn releases by the module that holds their flash_attn_func, tried in this order: v3 (built from
+# the flash-attention repo's hopper/), the CuTe-DSL v4 (the flash-attn-4 wheel; Hopper and Blackwell), v2.
+FLASH_ATTN_MODULES = ("flash_attn_interface", "flash_attn.cute", "flash_attn")
+
+
+@functools.cache
+def _flash_attn_module() -> tuple[object | None, str | None]:
+    """(the first importable flash-attn module with a flash_attn_func, None) or (None, why there is none)."""
+    failures = []
+    for name in FLASH_ATTN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
+                continue  # not installed
+            failures.append(f"{name} failed to import: {err}")  # installed, but a dependency is missing
+            continue
+        except Exception as err:  # installed but broken (e.g. built for another torch or CUDA): say so
+            failures.append(f"{name} failed to import: {type(err).__name__}: {str(err).splitlines()[0]}")
+            continue
+        if hasattr(module, "flash_attn_func"):
+            return module, None
+    if failures:
+        return None, "the flash-attn package is installed but unusable (" + "; ".join(failures) + ")"
+    return None, (
+        "the flash-attn package is not installed (pip install flash-attn for v2 or flash-attn-4 for the "
+        "CuTe v4; v3 builds from the flash-attention repo's hopper/)"
+    )
 
 
 def _flash_attn_missing() -> str | None:
-    if _flash_attn_module() is None:
-        return "the flash-attn package is not installed (pip install flash-attn, v2 or v3)"
-    return None
+    return _flash_attn_module()[1]
 
 
 def flash_attn_attention(q, k, v, mask=None, scale=None) -> torch.Tensor:
-    """The flash-attn package (v3 if installed, else v2); it takes (batch, tokens, heads, head_dim)."""
-    out = _flash_attn_module().flash_attn_func(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale
-    )
-    if isinstance(out, tuple):  # some v3 releases also return the log-sum-exp
+    """The flash-attn package (see FLASH_ATTN_MODULES); it takes (batch, tokens, heads, head_dim)."""
+    module, _ = _flash_attn_module()
+    out = module.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), softmax_scale=scale)
+    if isinstance(out, tuple):  # some releases also return the log-sum-exp
         out = out[0]
     return out.transpose(1, 2)
 
@@ -101,6 +121,10 @@ class AttentionBackend:
     returns_lse: bool = True
     supports_backward: bool = True
     missing: Callable[[], str | None] = lambda: None  # why this install cannot run it, if so
+    # Checked against the fp32 reference on a small call at each head dim before it is used (see
+    # probe_failure): an external package's kernels differ by release and GPU, and flash-attn-4 4.0.0b36
+    # on an H200 returns wrong gradients at head dim 72 while its forward is right.
+    probe: bool = False
 
     def unsupported_reason(
         self,
@@ -123,7 +147,56 @@ class AttentionBackend:
             return "it takes no attention mask (the models' cross-attention masks padded text)"
         if backward and not self.supports_backward:
             return "it has no backward (training needs one)"
-        return self.missing()
+        missing = self.missing()
+        if missing is None and self.probe and head_dim is not None:
+            return probe_failure(self, device, dtype, head_dim, backward)
+        return missing
+
+
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+@functools.cache
+def probe_failure(
+    backend: AttentionBackend, device: torch.device, dtype: torch.dtype, head_dim: int, backward: bool
+) -> str | None:
+    """How `backend` got a small call (1 x 2 heads x 128 tokens, `head_dim`) wrong against fp32 math attention
+    on the same rounded inputs, forward and, with `backward`, the gradients of q, k and v; None if it did
+    not (relative error within PROBE_TOLERANCE, several times a correct kernel's)."""
+    generator = torch.Generator(device).manual_seed(0)
+
+    def tensor():  # token-major, as the attention modules hand it over
+        return torch.randn(1, 128, 2, head_dim, device=device, generator=generator).transpose(1, 2).to(dtype)
+
+    inputs = [tensor() for _ in range(3)]
+    low = [t.clone().requires_grad_(backward) for t in inputs]
+    full = [t.float().requires_grad_(backward) for t in inputs]
+    errors = {}
+    try:
+        with torch.autocast(device.type, enabled=False), torch.set_grad_enabled(backward):
+            out, expected = backend.fn(*low), math_attention(*full)
+            errors["output"] = _relative_error(out, expected)
+            if backward:
+                grad = torch.randn(expected.shape, device=device, generator=generator)
+                got = torch.autograd.grad(out, low, grad.to(out.dtype), allow_unused=True, materialize_grads=True)
+                want = torch.autograd.grad(expected, full, grad)
+                for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+                    errors[name] = _relative_error(g, w)
+    except RuntimeError as err:
+        return f"it failed a probe call at head dim {head_dim}: {str(err).splitlines()[0]}"
+    wrong = {name: error for name, error in errors.items() if not error <= PROBE_TOLERANCE[dtype]}  # nan too
+    if wrong:
+        worst = max(wrong.values(), key=lambda e: math.inf if math.isnan(e) else e)
+        return (
+            f"its {', '.join(wrong)} at head dim {head_dim} differ from the fp32 reference on a probe call "
+            f"(relative error {worst:.2g})"
+        )
+    return None
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.float().norm().item()
+    return (got.float() - want.float()).norm().item() / (scale or 1.0)
 
 
 ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
@@ -163,12 +236,13 @@ ATTENTION_BACKENDS: dict[str, AttentionBackend] = {
             flash_attn_attention,
             ("cuda",),
             _HALF,
-            "the flash-attn package (v2 or v3)",
+            "the flash-attn package (v2, v3 or the CuTe v4)",
             max_head_dim=256,
             head_dim_multiple=8,
             supports_mask=False,
             returns_lse=False,
             missing=_flash_attn_missing,
+            probe=True,
         ),
         AttentionBackend("math", math_attention, ("cpu", "cuda"), _ALL_FLOAT, "plain-torch fp32 reference"),
     )

@@ -20,12 +20,13 @@ scale each row by a power of two (exact) that brings its max |x| below 4 before 
 to the largest finite fp32 value neither overflow nor underflow, and the mean is taken relative to the
 row's first element, so a constant row has exactly zero variance (its output is the bias, not noise).
 The gradients of the broadcast tensors (shift, scale, gate, weight, bias) are summed over tokens
-deterministically: each program reduces a block of rows of one (sample, group) into an fp32 partial, and
-torch sums the partials; no atomics.
+deterministically: each program reduces its rows of one (sample, group) into an fp32 partial, and the
+partials are summed in a fixed order (by the last program of the group to finish, or by _sum_partials).
 
-Launch choices (rows per tile, column block, warps, pipelining depth, programs per SM, norm prefetch) live in one frozen
-``LAUNCH = LaunchParams(...)``, one ``PassLaunch`` per kernel pass, from which small pure functions derive
-the block sizes for a channel count; benchmarks/tune_kernels.py measures alternatives.
+Launch choices (rows per tile, column block, warps, pipelining depth, programs per SM, norm prefetch, row
+interleaving) live in one frozen ``LAUNCH = LaunchParams(...)``, one ``PassLaunch`` per kernel pass, from
+which small pure functions derive the block sizes for a channel count; benchmarks/tune_kernels.py measures
+alternatives.
 
 The plain torch ``*_reference`` functions below (fp32 compute, or fp64 for fp64 inputs, cast to the output
 dtype) are the ground truth that the tests and benchmarks compare the kernels against.
@@ -164,6 +165,9 @@ class PassLaunch:
       Costs the registers of one more tile (held in the input dtype). Elementwise kernels ignore it.
     - max_registers: norms: a cap on registers per thread (Triton's maxnreg), None for the compiler's choice.
       Left alone, ptxas may take so many that fewer programs fit on an SM than the grid wants there.
+    - interleave: deal a group's row tiles to its splits in turn (split s walks tiles s, s + n_splits, ...)
+      rather than one contiguous run each. The programs of a group then move through one window of memory
+      together instead of each streaming its own distant run, which the GPU's DRAM serves faster.
     """
 
     tile: int
@@ -173,6 +177,7 @@ class PassLaunch:
     programs_per_sm: int
     prefetch: bool = False
     max_registers: int | None = None
+    interleave: bool = False
 
 
 @dataclass(frozen=True)
@@ -190,24 +195,38 @@ class LaunchParams:
     rms_norm_bwd: PassLaunch
 
 
+# fp32 values in a row's record of norm statistics (see _store_stats): 32 bytes, one DRAM sector.
+STATS_WIDTH = tl.constexpr(8)
+
 # Tuned on an H200 (benchmarks/tune_kernels.py, bf16, shapes 2x24180x1152:13 and 32x256x1152, the geometric
 # mean of both): elementwise kernels in ~8-16-element-per-thread tiles; norm rows one per warp (row
 # reductions stay in the warp; RMSNorm forward two rows per warp), the next row tile prefetched, the
 # LayerNorm forward capped at 160 registers so that 12 programs fit per SM; backward grids of as many
-# one-warp programs as fit per SM (8 at ~250 registers; _splits keeps the grid within that, so no program
-# waits for a second wave), their fp32 partials summed by a PDL dependent (see _dependent_launch).
+# one-warp programs as fit per SM (8 at ~240 registers; _splits keeps the grid within that, so no program
+# waits for a second wave), their fp32 partials summed by a PDL dependent (see _dependent_launch). Row
+# tiles are interleaved across splits where that measured faster (modulate, LayerNorm and RMSNorm
+# forwards, LayerNorm backward: 0.5-1.5%); for the other backwards it was slower or no different.
 # The Triton 3.x pipeliner leaves these dot-free loops alone, so num_stages is 1. Re-tune on another GPU
 # and copy the suggestion here.
 LAUNCH = LaunchParams(
-    modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
+    modulate_fwd=PassLaunch(tile=8192, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64, interleave=True),
     modulate_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=6),
     layernorm_modulate_fwd=PassLaunch(
-        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=12, prefetch=True, max_registers=160
+        tile=1024,
+        block_c=4096,
+        warp_elems=1024,
+        num_stages=1,
+        programs_per_sm=12,
+        prefetch=True,
+        max_registers=160,
+        interleave=True,
     ),
     layernorm_modulate_bwd=PassLaunch(
-        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8, prefetch=True
+        tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8, prefetch=True, interleave=True
     ),
-    rms_norm_fwd=PassLaunch(tile=2048, block_c=4096, warp_elems=2048, num_stages=1, programs_per_sm=24, prefetch=True),
+    rms_norm_fwd=PassLaunch(
+        tile=2048, block_c=4096, warp_elems=2048, num_stages=1, programs_per_sm=24, prefetch=True, interleave=True
+    ),
     rms_norm_bwd=PassLaunch(tile=1024, block_c=4096, warp_elems=1024, num_stages=1, programs_per_sm=8, prefetch=True),
     gate_residual_fwd=PassLaunch(tile=4096, block_c=128, warp_elems=1024, num_stages=1, programs_per_sm=64),
     gate_residual_bwd=PassLaunch(tile=2048, block_c=128, warp_elems=512, num_stages=1, programs_per_sm=6),
@@ -225,10 +244,13 @@ LAUNCH = LaunchParams(
 
 
 @triton.jit
-def _split_rows(split, rows_per_split, group_len):
-    """[start, end) of this split within its group."""
+def _split_rows(split, n_splits, rows_per_split, group_len, BLOCK_M: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """(start, end, step) of the group rows this split walks, one BLOCK_M tile at a time: a run of
+    rows_per_split rows, or with INTERLEAVE every n_splits-th tile of the group (see PassLaunch.interleave)."""
+    if INTERLEAVE:
+        return split * BLOCK_M, group_len, n_splits * BLOCK_M
     start = split * rows_per_split
-    return start, tl.minimum(start + rows_per_split, group_len)
+    return start, tl.minimum(start + rows_per_split, group_len), BLOCK_M
 
 
 @triton.jit
@@ -278,13 +300,14 @@ def _scale_add_fwd_kernel(
     rows_per_split,
     ONE_PLUS: tl.constexpr,
     ADD_PER_GROUP: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """out = x * (1 + m) + add (modulate: add = shift, per group) or x * m + add (gate: add = residual, per
     row) for program (group g, split, column block)."""
     g = tl.program_id(0).to(tl.int64)
-    start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
+    start, end, step = _split_rows(tl.program_id(1), tl.num_programs(1), rows_per_split, group_len, BLOCK_M, INTERLEAVE)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     m = tl.load(m_ptr + g * C + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -294,7 +317,7 @@ def _scale_add_fwd_kernel(
     if ADD_PER_GROUP:
         a = tl.load(add_ptr + g * C + cols, mask=cmask, other=0.0).to(tl.float32)
     base = g * group_len
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in range(start, end, step):
         local = r0 + tl.arange(0, BLOCK_M)
         mask = (local < end)[:, None] & cmask[None, :]
         offs = (base + local)[:, None] * C + cols[None, :]
@@ -324,17 +347,21 @@ def _scale_add_bwd_kernel(
     n_groups,
     ONE_PLUS: tl.constexpr,
     SUM_DY: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ACC_ROWS: tl.constexpr,
+    DEPENDENT: tl.constexpr,
 ):
     """Backward of out = x * (1 + m) + add for program (group g, split, column block): writes
     dx = dy * (1 + m) for its rows and the fp32 partial column sums part[0, g, split] = sum(dy * x) (the
     gradient of m) and, with SUM_DY, part[1, g, split] = sum(dy) (the gradient of a per-group add). The last
-    program of (g, column block) to finish sums the group's partials into dm[g] and dadd[g] (fp32 (G, C))."""
+    program of (g, column block) to finish sums the group's partials into dm[g] and dadd[g] (fp32 (G, C)).
+    DEPENDENT: launched as a programmatic dependent of the memset that zeroes `count` (see _dependent_launch):
+    everything before the ticket overlaps that kernel, which is waited for only to take the ticket."""
     g = tl.program_id(0)
     split = tl.program_id(1)
-    start, end = _split_rows(split, rows_per_split, group_len)
+    start, end, step = _split_rows(split, n_splits, rows_per_split, group_len, BLOCK_M, INTERLEAVE)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     m = tl.load(m_ptr + g.to(tl.int64) * C + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -344,7 +371,7 @@ def _scale_add_bwd_kernel(
     # Folded accumulators: the cross-thread reduction happens once, after the loop.
     acc_m = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
     acc_dy = tl.zeros([ACC_ROWS, BLOCK_C], dtype=tl.float32)
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in range(start, end, step):
         local = r0 + tl.arange(0, BLOCK_M)
         mask = (local < end)[:, None] & cmask[None, :]
         offs = (base + local)[:, None] * C + cols[None, :]
@@ -359,6 +386,8 @@ def _scale_add_bwd_kernel(
     tl.store(part_ptr + out, tl.sum(acc_m, axis=0), mask=cmask)
     if SUM_DY:
         tl.store(part_ptr + plane + out, tl.sum(acc_dy, axis=0), mask=cmask)
+    if DEPENDENT:
+        gdc_wait()
     if _last_of_group(count_ptr, g * tl.num_programs(2) + tl.program_id(2), n_splits):
         group_first = g.to(tl.int64) * n_splits * C
         dm = _sum_splits(part_ptr, group_first, n_splits, C, cols, cmask)
@@ -514,7 +543,6 @@ def _norm_fwd_kernel(
     scale_ptr,
     y_ptr,
     stats_ptr,
-    n_rows,
     C,
     group_len,
     rows_per_split,
@@ -527,6 +555,7 @@ def _norm_fwd_kernel(
     CHUNKED: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TAIL_C: tl.constexpr,
@@ -537,7 +566,7 @@ def _norm_fwd_kernel(
     unscaled row over- or underflows, see _any_out_of_range; pivot = s * x[0] for LayerNorm, 0 for RMSNorm):
       md = mean(s*x - pivot), var = mean((s*x - pivot - md)^2)  (for RMSNorm: mean((s*x)^2)),
       r_s = rsqrt(var + eps * s^2), rstd = 1 / sqrt(var / s^2 + eps) (see _row_stats).
-    stats (5, R) fp32 = (s, pivot, md, r_s, rstd) is saved for the backward.
+    stats (R, STATS_WIDTH) fp32, a record (s, pivot, md, r_s, rstd, 0...) per row, is saved for the backward.
     Unless CHUNKED a row is held in registers as a head of BLOCK_C columns (all < C: no column mask) and,
     with HAS_TAIL, a masked tail of TAIL_C columns from BLOCK_C on; the group's vectors are loaded once.
     CHUNKED: the passes loop over chunks of BLOCK_C columns, reloading x (and the vectors, from cache).
@@ -545,7 +574,7 @@ def _norm_fwd_kernel(
     """
     SCALAR: tl.constexpr = BLOCK_M == 1  # one row per tile: its values as scalars (see _row_sum)
     g = tl.program_id(0).to(tl.int64)
-    start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
+    start, end, step = _split_rows(tl.program_id(1), tl.num_programs(1), rows_per_split, group_len, BLOCK_M, INTERLEAVE)
     base = g * group_len
     mod_row = g * C
     head = tl.arange(0, BLOCK_C)
@@ -565,7 +594,7 @@ def _norm_fwd_kernel(
         nx_h, nx_t, nx0 = _load_norm_rows(
             x_ptr, first * C, first_mask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C, SCALAR
         )
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in range(start, end, step):
         rows, rmask = _row_tile(base, r0, end, BLOCK_M)
         row_offs = rows * C
         zero = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -617,7 +646,7 @@ def _norm_fwd_kernel(
             mask_t = rmask[:, None] & tmask[None, :]
             if PREFETCH:
                 x_h, x_t, x0 = nx_h, nx_t, nx0
-                next_rows, next_rmask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
+                next_rows, next_rmask = _row_tile(base, r0 + step, end, BLOCK_M)
                 nx_h, nx_t, nx0 = _load_norm_rows(
                     x_ptr, next_rows * C, next_rmask, head, tail, tmask, CENTER, HAS_TAIL, TAIL_C, SCALAR
                 )
@@ -649,20 +678,33 @@ def _norm_fwd_kernel(
             if HAS_TAIL:
                 z_t = _affine_modulate(d_t * _col(r_s, SCALAR), w_t, b_t, sc_t, sh_t, HAS_WEIGHT, HAS_BIAS, HAS_MOD)
                 tl.store(y_ptr + row_offs[:, None] + tail[None, :], z_t.to(y_ptr.dtype.element_ty), mask=mask_t)
-        tl.store(stats_ptr + rows, s, mask=rmask)
-        tl.store(stats_ptr + n_rows + rows, pivot, mask=rmask)
-        tl.store(stats_ptr + 2 * n_rows + rows, md, mask=rmask)
-        tl.store(stats_ptr + 3 * n_rows + rows, r_s, mask=rmask)
-        tl.store(stats_ptr + 4 * n_rows + rows, rstd, mask=rmask)
+        _store_stats(stats_ptr, rows, rmask, s, pivot, md, r_s, rstd, SCALAR)
 
 
 @triton.jit
-def _load_stats(stats_ptr, n_rows, rows, rmask):
-    s = tl.load(stats_ptr + rows, mask=rmask, other=1.0)
-    pivot = tl.load(stats_ptr + n_rows + rows, mask=rmask, other=0.0)
-    md = tl.load(stats_ptr + 2 * n_rows + rows, mask=rmask, other=0.0)
-    r_s = tl.load(stats_ptr + 3 * n_rows + rows, mask=rmask, other=0.0)
-    rstd = tl.load(stats_ptr + 4 * n_rows + rows, mask=rmask, other=0.0)
+def _store_stats(stats_ptr, rows, rmask, s, pivot, md, r_s, rstd, SCALAR: tl.constexpr):
+    """A row's statistics as one STATS_WIDTH-float record (s, pivot, md, r_s, rstd, then zeros), written
+    whole. 32 bytes are a whole DRAM sector: a partial one (4-byte stores into planes of per-row values)
+    that leaves the L2 before its neighbours arrive costs a read-modify-write, which on an H200 made the
+    stores of the LayerNorm forward cost ~3.5 us of its ~66 (the same forward without them)."""
+    k = tl.arange(0, STATS_WIDTH)[None, :]
+    record = tl.where(k == 4, _col(rstd, SCALAR), 0.0)
+    record = tl.where(k == 3, _col(r_s, SCALAR), record)
+    record = tl.where(k == 2, _col(md, SCALAR), record)
+    record = tl.where(k == 1, _col(pivot, SCALAR), record)
+    record = tl.where(k == 0, _col(s, SCALAR), record)
+    tl.store(stats_ptr + rows[:, None] * STATS_WIDTH + k, record, mask=rmask[:, None])
+
+
+@triton.jit
+def _load_stats(stats_ptr, rows, rmask):
+    """The per-row values of _store_stats' records, each [BLOCK_M]."""
+    record = stats_ptr + rows * STATS_WIDTH
+    s = tl.load(record, mask=rmask, other=1.0)
+    pivot = tl.load(record + 1, mask=rmask, other=0.0)
+    md = tl.load(record + 2, mask=rmask, other=0.0)
+    r_s = tl.load(record + 3, mask=rmask, other=0.0)
+    rstd = tl.load(record + 4, mask=rmask, other=0.0)
     return s, pivot, md, r_s, rstd
 
 
@@ -696,7 +738,7 @@ def _norm_bwd_terms(x, dy, mask, s, pivot, md, r_s, w, one_plus_scale, HAS_WEIGH
 
 
 @triton.jit
-def _load_norm_bwd_rows(x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C,
+def _load_norm_bwd_rows(x_ptr, dy_ptr, stats_ptr, rows, rmask, cols, tail, tmask, C,
                         HAS_TAIL: tl.constexpr, TAIL_C: tl.constexpr, SCALAR: tl.constexpr):  # fmt: skip
     """Everything a one-chunk row tile of the backward reads (x and dy as loaded, head and tail (zeros
     without HAS_TAIL), and the row stats, scalars with SCALAR), as one group of loads that a prefetch can
@@ -711,7 +753,7 @@ def _load_norm_bwd_rows(x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tai
         offs_t = rows[:, None] * C + tail[None, :]
         x_t = tl.load(x_ptr + offs_t, mask=mask_t, other=0.0)
         dy_t = tl.load(dy_ptr + offs_t, mask=mask_t, other=0.0)
-    s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+    s, pivot, md, r_s, rstd = _load_stats(stats_ptr, rows, rmask)
     s, pivot, md = _as_rows(s, SCALAR), _as_rows(pivot, SCALAR), _as_rows(md, SCALAR)
     r_s, rstd = _as_rows(r_s, SCALAR), _as_rows(rstd, SCALAR)
     return x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd
@@ -762,19 +804,20 @@ def _norm_bwd_rowsum_kernel(
     rows_per_split,
     HAS_WEIGHT: tl.constexpr,
     HAS_MOD: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Rows wider than one register tile, program (group g, split): the row means mean(dxhat) and
     mean(dxhat * xhat) that dx needs, into rowsum (2, R) fp32, chunk by chunk."""
     g = tl.program_id(0).to(tl.int64)
-    start, end = _split_rows(tl.program_id(1), rows_per_split, group_len)
+    start, end, step = _split_rows(tl.program_id(1), tl.num_programs(1), rows_per_split, group_len, BLOCK_M, INTERLEAVE)
     base = g * group_len
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in range(start, end, step):
         local = r0 + tl.arange(0, BLOCK_M)
         rmask = local < end
         rows = base + local
-        s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+        s, pivot, md, r_s, rstd = _load_stats(stats_ptr, rows, rmask)
         c1 = tl.zeros([BLOCK_M], dtype=tl.float32)
         c2 = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -817,6 +860,7 @@ def _norm_bwd_kernel(
     CHUNKED: tl.constexpr,
     HAS_TAIL: tl.constexpr,
     PREFETCH: tl.constexpr,
+    INTERLEAVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TAIL_C: tl.constexpr,
@@ -838,7 +882,7 @@ def _norm_bwd_kernel(
         gdc_launch_dependents()
     g = tl.program_id(0)
     split = tl.program_id(1)
-    start, end = _split_rows(split, rows_per_split, group_len)
+    start, end, step = _split_rows(split, n_splits, rows_per_split, group_len, BLOCK_M, INTERLEAVE)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     tail = BLOCK_C + tl.arange(0, TAIL_C)
@@ -865,9 +909,9 @@ def _norm_bwd_kernel(
         first, first_mask = _row_tile(base, start, end, BLOCK_M)
         # Loop-carried as separate values (n* = the next tile), not one tuple.
         nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
-            x_ptr, dy_ptr, stats_ptr, n_rows, first, first_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C, SCALAR
+            x_ptr, dy_ptr, stats_ptr, first, first_mask, cols, tail, tmask, C, HAS_TAIL, TAIL_C, SCALAR
         )
-    for r0 in range(start, end, BLOCK_M):
+    for r0 in range(start, end, step):
         rows, rmask = _row_tile(base, r0, end, BLOCK_M)
         mask_h = rmask[:, None]  # broadcast over the head's columns, all < C unless chunked
         if CHUNKED:
@@ -876,19 +920,18 @@ def _norm_bwd_kernel(
         mask_t = rmask[:, None] & tmask[None, :]
         offs_t = rows[:, None] * C + tail[None, :]
         if CHUNKED:
-            s, pivot, md, r_s, rstd = _load_stats(stats_ptr, n_rows, rows, rmask)
+            s, pivot, md, r_s, rstd = _load_stats(stats_ptr, rows, rmask)
             dy, xhat, dz, dxhat = _norm_bwd_tile(
                 x_ptr, dy_ptr, offs_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, True
             )
         else:
             if PREFETCH:
                 x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd
-                next_rows, next_mask = _row_tile(base, r0 + BLOCK_M, end, BLOCK_M)
+                next_rows, next_mask = _row_tile(base, r0 + step, end, BLOCK_M)
                 nx_h, ndy_h, nx_t, ndy_t, ns, npivot, nmd, nr_s, nrstd = _load_norm_bwd_rows(
                     x_ptr,
                     dy_ptr,
                     stats_ptr,
-                    n_rows,
                     next_rows,
                     next_mask,
                     cols,
@@ -901,7 +944,7 @@ def _norm_bwd_kernel(
                 )
             else:
                 x_h, dy_h, x_t, dy_t, s, pivot, md, r_s, rstd = _load_norm_bwd_rows(
-                    x_ptr, dy_ptr, stats_ptr, n_rows, rows, rmask, cols, tail, tmask, C, HAS_TAIL, TAIL_C, SCALAR
+                    x_ptr, dy_ptr, stats_ptr, rows, rmask, cols, tail, tmask, C, HAS_TAIL, TAIL_C, SCALAR
                 )
             dy, xhat, dz, dxhat = _norm_bwd_terms(
                 x_h, dy_h, mask_h, s, pivot, md, r_s, w_h, sc_h, HAS_WEIGHT, HAS_MOD, False, SCALAR
@@ -1101,8 +1144,8 @@ def _launch_scale_add(
     n_splits, rows_per_split = _splits(group_len, n_groups, n_col_blocks, blocks, params, x.device)
     _launch(_scale_add_fwd_kernel, x)[(n_groups, n_splits, n_col_blocks)](
         x, m, add, out, channels, group_len, rows_per_split,
-        ONE_PLUS=one_plus, ADD_PER_GROUP=add_per_group, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        ONE_PLUS=one_plus, ADD_PER_GROUP=add_per_group, INTERLEAVE=params.interleave, BLOCK_M=blocks.block_m,
+        BLOCK_C=blocks.block_c, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     return out
 
@@ -1133,11 +1176,13 @@ def _launch_scale_bwd(
     dm = torch.empty(m.shape, dtype=torch.float32, device=x.device)
     dadd = torch.empty(m.shape, dtype=torch.float32, device=x.device) if sum_dy else None
     counts = torch.zeros(n_groups * n_col_blocks, dtype=torch.int32, device=x.device)  # see _last_of_group
+    dependent = {"launch_pdl": True} if _dependent_launch(x) else {}
     _launch(_scale_add_bwd_kernel, x)[(n_groups, n_splits, n_col_blocks)](
         dy, x, m, dx, part, dm, dm if dadd is None else dadd, counts, channels, group_len, rows_per_split,
-        n_splits, n_groups, ONE_PLUS=one_plus, SUM_DY=sum_dy, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c,
-        ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+        n_splits, n_groups, ONE_PLUS=one_plus, SUM_DY=sum_dy, INTERLEAVE=params.interleave, BLOCK_M=blocks.block_m,
+        BLOCK_C=blocks.block_c,
+        ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()), DEPENDENT=bool(dependent),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages, **dependent,
     )  # fmt: skip
     return dx, dm, dadd
 
@@ -1185,10 +1230,10 @@ def _pdl_capable(device_type: str, index: int | None) -> bool:
 
 
 def _dependent_launch(probe: Tensor) -> bool:
-    """Whether a kernel that reads what the previous kernel on probe's stream wrote may be launched as its
-    programmatic dependent (CUDA's PDL: its programs start while that kernel's last ones still run, and wait
-    in gdc_wait): where _pdl_capable, and not while torch.compile traces (it launches the kernels itself).
-    It saves the ~2 us launch gap between the two kernels."""
+    """Whether a kernel may be launched as a programmatic dependent of the previous kernel on probe's stream
+    (CUDA's PDL: its programs start while that kernel's last ones still run, and wait in gdc_wait before
+    they touch what it writes): where _pdl_capable, and not while torch.compile traces (it launches the
+    kernels itself). It saves the ~2 us launch gap between the two kernels."""
     return _pdl_capable(probe.device.type, probe.device.index) and not _tracing(probe)
 
 
@@ -1200,10 +1245,10 @@ def _tail_flags(blocks: _Blocks) -> dict:
 def _launch_norm_fwd(
     x2d, weight, bias, shift, scale, group_len, eps, center, out_dtype, params: PassLaunch
 ) -> tuple[Tensor, Tensor]:
-    """x2d (R, C); shift/scale (R // group_len, C) or None. Returns y (R, C) and the stats (5, R)."""
+    """x2d (R, C); shift/scale (R // group_len, C) or None. Returns y (R, C) and the stats (R, STATS_WIDTH)."""
     n_rows, channels = x2d.shape
     y = torch.empty((n_rows, channels), dtype=out_dtype, device=x2d.device)
-    stats = torch.empty((5, n_rows), dtype=torch.float32, device=x2d.device)
+    stats = torch.empty((n_rows, STATS_WIDTH.value), dtype=torch.float32, device=x2d.device)
     if y.numel() == 0:
         return y, stats
     blocks = norm_blocks(params, channels, group_len)
@@ -1213,11 +1258,11 @@ def _launch_norm_fwd(
     _launch(_norm_fwd_kernel, x2d)[(n_groups, n_splits)](
         x2d, x2d if weight is None else weight, x2d if bias is None else bias,
         x2d if shift is None else shift, x2d if scale is None else scale, y, stats,
-        n_rows, channels, group_len, rows_per_split, eps, inv_sqrt_eps,
+        channels, group_len, rows_per_split, eps, inv_sqrt_eps,
         CENTER=center, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, HAS_MOD=scale is not None,
         CHUNKED=blocks.chunked, **_tail_flags(blocks), PREFETCH=params.prefetch and not blocks.chunked,
-        BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-        maxnreg=params.max_registers,
+        INTERLEAVE=params.interleave, BLOCK_M=blocks.block_m, BLOCK_C=blocks.block_c, num_warps=blocks.num_warps,
+        num_stages=blocks.num_stages, maxnreg=params.max_registers,
     )  # fmt: skip
     return y, stats
 
@@ -1232,7 +1277,9 @@ def _launch_norm_bwd(
     if x2d.numel() == 0:
         return dx, torch.zeros((4, n_groups, 1, channels), dtype=torch.float32, device=x2d.device)
     blocks = norm_blocks(params, channels, group_len)
-    flags = dict(HAS_WEIGHT=weight is not None, HAS_MOD=scale is not None, BLOCK_M=blocks.block_m)
+    flags = dict(
+        HAS_WEIGHT=weight is not None, HAS_MOD=scale is not None, INTERLEAVE=params.interleave, BLOCK_M=blocks.block_m
+    )
     launch = dict(num_warps=blocks.num_warps, num_stages=blocks.num_stages, maxnreg=params.max_registers)
     w = x2d if weight is None else weight
     sc = x2d if scale is None else scale
