@@ -263,6 +263,11 @@ def test_launch_choices_keep_results(variant, device, monkeypatch):
     rows of 64 (no tail) and LayerNorm without an affine and with a weight only."""
     params = LAUNCH_VARIANTS[variant]
     monkeypatch.setattr(fused, "LAUNCH", LaunchParams(**dict.fromkeys(fused.LAUNCH.__dataclass_fields__, params)))
+    if params.interleave and device == "cpu":  # (one SM in the interpreter; a GPU gives every tile its own split)
+        # The norm forward deals its row tiles to fewer splits than there are tiles: interleaving is exercised.
+        blocks = fused.norm_blocks(params, 100, 7)
+        n_splits, _ = fused._splits(7, 6, 1, blocks, params, torch.device(device))
+        assert 1 < n_splits < -(-7 // blocks.block_m), (n_splits, blocks.block_m)
     torch.manual_seed(8)
     shape, mod = (2, 3, 7, 100), (2, 3, 100)
     x, m1, m2, vec = (
@@ -418,8 +423,9 @@ def test_sums_over_tokens_are_deterministic_and_exact(device, monkeypatch):
         "modulate": (grouped(dy) * grouped(x)).sum(2),
         "layernorm_modulate": (grouped(dy) * grouped(normalised)).sum(2),
     }
-    # On Hopper and newer the LayerNorm backward's partial sums run as a PDL dependent of the norm kernel
-    # (they must wait for it: reading its partials early would break both checks below); elsewhere in order.
+    # On Hopper and newer the LayerNorm backward's partial sums run as a PDL dependent of the norm kernel, and
+    # the modulate backward as one of the memset that zeroes its tickets (each must wait: reading partials
+    # or tickets early would break both checks below); elsewhere in order.
     assert fused._dependent_launch(x) == (device == "cuda" and torch.cuda.get_device_capability() >= (9, 0))
     for name, run in runs.items():
         first = run()

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -1176,13 +1175,12 @@ def _launch_scale_bwd(
     dm = torch.empty(m.shape, dtype=torch.float32, device=x.device)
     dadd = torch.empty(m.shape, dtype=torch.float32, device=x.device) if sum_dy else None
     counts = torch.zeros(n_groups * n_col_blocks, dtype=torch.int32, device=x.device)  # see _last_of_group
-    dependent = {"launch_pdl": True} if _dependent_launch(x) else {}
     _launch(_scale_add_bwd_kernel, x)[(n_groups, n_splits, n_col_blocks)](
         dy, x, m, dx, part, dm, dm if dadd is None else dadd, counts, channels, group_len, rows_per_split,
         n_splits, n_groups, ONE_PLUS=one_plus, SUM_DY=sum_dy, INTERLEAVE=params.interleave, BLOCK_M=blocks.block_m,
         BLOCK_C=blocks.block_c,
-        ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()), DEPENDENT=bool(dependent),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, **dependent,
+        ACC_ROWS=blocks.acc_rows(blocks.block_c, x.element_size()), **_dependent_args(x),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
     )  # fmt: skip
     return dx, dm, dadd
 
@@ -1209,22 +1207,21 @@ def _sum_partials(part: Tensor, sub: int = 64, block_c: int = 32) -> Tensor:
     if two_level:
         chunks = torch.empty((rows, n_chunks, channels), dtype=torch.float32, device=part.device)
         counts = torch.zeros(rows * n_col_blocks, dtype=torch.int32, device=part.device)  # see _last_of_group
-    dependent = {"launch_pdl": True} if _dependent_launch(part) else {}
     _launch(_sum_partials_kernel, part)[(rows, n_chunks, n_col_blocks)](
         part, chunks, counts, out, n_splits, rows_per_chunk, n_chunks, channels,
-        TWO_LEVEL=two_level, SUB=sub, BLOCK_C=block_c, DEPENDENT=bool(dependent), num_warps=4, **dependent,
+        TWO_LEVEL=two_level, SUB=sub, BLOCK_C=block_c, **_dependent_args(part), num_warps=4,
     )  # fmt: skip
     return out
 
 
 @functools.cache
 def _pdl_capable(device_type: str, index: int | None) -> bool:
-    """Compiled kernels (a Triton with grid dependency control, not its interpreter, which Triton itself
-    decides once, at import) on a Hopper or newer GPU."""
+    """Compiled kernels (a Triton with grid dependency control; under TRITON_INTERPRET, Triton's jit makes
+    interpreted functions, not JITFunctions) on a Hopper or newer GPU."""
     return (
         device_type == "cuda"
         and gdc_wait is not None
-        and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+        and isinstance(_sum_partials_kernel, triton.runtime.JITFunction)
         and torch.cuda.get_device_capability(index) >= (9, 0)
     )
 
@@ -1235,6 +1232,14 @@ def _dependent_launch(probe: Tensor) -> bool:
     they touch what it writes): where _pdl_capable, and not while torch.compile traces (it launches the
     kernels itself). It saves the ~2 us launch gap between the two kernels."""
     return _pdl_capable(probe.device.type, probe.device.index) and not _tracing(probe)
+
+
+def _dependent_args(probe: Tensor) -> dict:
+    """The launch arguments of a kernel with a DEPENDENT flag (it calls gdc_wait when set): launched as a
+    programmatic dependent where _dependent_launch allows, in order otherwise."""
+    if _dependent_launch(probe):
+        return {"DEPENDENT": True, "launch_pdl": True}
+    return {"DEPENDENT": False}
 
 
 def _tail_flags(blocks: _Blocks) -> dict:
